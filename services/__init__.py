@@ -1,0 +1,1 @@
+"""trainyard's gRPC services: one package each, ``python -m services.<name>`` starts one."""

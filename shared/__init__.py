@@ -1,0 +1,1 @@
+"""trainyard's common library: config, artifact store, tracking, metrics, gRPC bootstrap, model zoo."""

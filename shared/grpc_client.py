@@ -1,0 +1,45 @@
+"""Client-side helpers: channels with the same message limits as the servers, and health checks."""
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+
+
+def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+
+
+def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
+    """The standard health check's answer: SERVING, NOT_SERVING, or UNREACHABLE."""
+    with channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return "UNKNOWN_SERVICE"
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def wait_serving(address: str, deadline_s: float = 60.0, service: str = "") -> None:
+    """Block until the server at ``address`` reports SERVING, or raise TimeoutError."""
+    end = time.monotonic() + deadline_s
+    status = "UNREACHABLE"
+    while time.monotonic() < end:
+        status = health_status(address, service, timeout=1.0)
+        if status == "SERVING":
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{address} not SERVING after {deadline_s:.0f}s (last status {status})")

@@ -1,0 +1,271 @@
+"""One bootstrap for every trainyard gRPC service.
+
+``serve()`` gives each service the same behaviour: the standard health service reporting
+NOT_SERVING until the service's own ``warmup`` has finished and again while draining, server
+reflection, explicit message-size limits, one interceptor that turns typed domain errors into
+status codes (and counts every call in Prometheus), JSON-lines logs carrying the request id, and
+a graceful shutdown on SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared import logs
+from shared.errors import TrainyardError
+from shared.metrics import ServerMetrics, start_metrics_server
+
+log = logs.get_logger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+REQUEST_ID_HEADER = "x-request-id"
+
+# The local default ports; `trainyard up` and the README's table use the same.
+SERVICE_PORTS: dict[str, tuple[int, int]] = {
+    "render": (50051, 9101),
+    "convert": (50052, 9102),
+    "train": (50053, 9103),
+    "benchmark": (50054, 9104),
+    "inference": (50055, 9105),
+}
+
+
+def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_response: bool) -> Callable:
+    """Run one RPC with a request id, error mapping and metrics."""
+
+    def _start(context: grpc.ServicerContext) -> str:
+        rid = dict(context.invocation_metadata()).get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
+        logs.request_id.set(rid)
+        try:
+            context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+        except ValueError:  # metadata already sent by the handler
+            pass
+        return rid
+
+    def _fail(exc: BaseException, context: grpc.ServicerContext, rid: str) -> None:
+        if isinstance(exc, TrainyardError):
+            log.info("request rejected", extra={"method": method, "code": exc.code.name, "error": str(exc)})
+            context.abort(exc.code, str(exc))
+        if context.code() not in (None, grpc.StatusCode.OK):
+            raise exc  # the handler aborted with its own status
+        log.exception("unhandled error", extra={"method": method})
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}): {exc}")
+
+    def _code(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+        if isinstance(exc, TrainyardError):
+            return exc.code.name
+        code = context.code()
+        if code is not None:
+            return code.name if isinstance(code, grpc.StatusCode) else str(code)
+        return "INTERNAL" if exc is not None else "OK"
+
+    if streaming_response:
+
+        def stream_handler(request, context):
+            rid = _start(context)
+            start = time.perf_counter()
+            error = None
+            with metrics.in_flight(method):
+                try:
+                    yield from behavior(request, context)
+                except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+                    error = exc
+                    _fail(exc, context, rid)
+                finally:
+                    metrics.observe(method, _code(context, error), time.perf_counter() - start)
+
+        return stream_handler
+
+    def unary_handler(request, context):
+        rid = _start(context)
+        start = time.perf_counter()
+        error = None
+        with metrics.in_flight(method):
+            try:
+                return behavior(request, context)
+            except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+                error = exc
+                _fail(exc, context, rid)
+            finally:
+                metrics.observe(method, _code(context, error), time.perf_counter() - start)
+
+    return unary_handler
+
+
+class DomainErrorInterceptor(grpc.ServerInterceptor):
+    """Maps typed domain errors to status codes and records per-method metrics, for every RPC."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap(handler.unary_unary, method, self._metrics, False),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap(handler.unary_stream, method, self._metrics, True),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap(handler.stream_unary, method, self._metrics, False),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap(handler.stream_stream, method, self._metrics, True),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+@dataclass
+class ServiceHost:
+    """A started server: its port, health state and the means to drain and stop it."""
+
+    name: str
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    service_names: list[str]
+    metrics_port: int | None = None
+    _metrics_server: object | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ["", self.name, *self.service_names]:
+            self.health.set(svc, status)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``."""
+        if self._stopped.is_set():
+            return
+        log.info("draining", extra={"service": self.name, "grace_s": grace})
+        self.set_serving(False)
+        self.server.stop(grace).wait()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self._stopped.set()
+        log.info("stopped", extra={"service": self.name})
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def start(
+    name: str,
+    register: Callable[[grpc.Server], Iterable[str]],
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    metrics_port: int | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_workers: int = 16,
+    warmup: Callable[[], None] | None = None,
+) -> ServiceHost:
+    """Start a server and return once it listens; health turns SERVING when ``warmup`` returns.
+
+    ``register(server)`` adds the servicers and returns their full service names (for health and
+    reflection). ``warmup`` (loading models, checking the store) runs in a background thread so the
+    health service can report NOT_SERVING meanwhile instead of refusing connections.
+    """
+    from concurrent import futures
+
+    metrics = ServerMetrics(name)
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc"),
+        interceptors=[DomainErrorInterceptor(metrics)],
+        options=options,
+    )
+    service_names = list(register(server))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"{name}: cannot bind {host}:{port}")
+    metrics_server = start_metrics_server(metrics_port) if metrics_port is not None else None
+    svc = ServiceHost(name, server, health_servicer, bound, service_names, metrics_port, metrics_server)
+    svc.set_serving(False)
+    server.start()
+    log.info("listening", extra={"service": name, "port": bound, "metrics_port": metrics_port})
+
+    def _warm() -> None:
+        try:
+            if warmup is not None:
+                warmup()
+        except Exception:  # a failed warm-up keeps the service NOT_SERVING, visibly
+            log.exception("warm-up failed; staying NOT_SERVING", extra={"service": name})
+            return
+        if not svc._stopped.is_set():
+            svc.set_serving(True)
+            log.info("serving", extra={"service": name})
+
+    threading.Thread(target=_warm, name=f"{name}-warmup", daemon=True).start()
+    return svc
+
+
+def service_arg_parser(name: str) -> argparse.ArgumentParser:
+    grpc_port, metrics_port = SERVICE_PORTS[name]
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"trainyard {name} service")
+    parser.add_argument("--port", type=int, default=grpc_port, help="gRPC port (0 picks a free one)")
+    parser.add_argument("--metrics-port", type=int, default=metrics_port, help="Prometheus /metrics port")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in containers")
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024))
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def serve(
+    name: str,
+    register: Callable[[grpc.Server], Iterable[str]],
+    args: argparse.Namespace,
+    warmup: Callable[[], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
+) -> None:
+    """Run a service in the foreground until SIGTERM/SIGINT, then drain and exit."""
+    logs.configure(args.log_level)
+    svc = start(
+        name,
+        register,
+        port=args.port,
+        host=args.host,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        warmup=warmup,
+    )
+
+    def _shutdown(signum, _frame):
+        log.info("signal received", extra={"service": name, "signal": signal.Signals(signum).name})
+        threading.Thread(target=lambda: (svc.stop(args.grace), on_stop and on_stop()), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _shutdown)
+    signal.signal(signal.SIGINT, _shutdown)
+    svc.wait()

@@ -1,0 +1,104 @@
+"""`trainyard up` / `status` / `down`: the five services as local processes on embedded defaults."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.errors import FailedPrecondition
+from shared.grpc_client import health_status, wait_serving
+from shared.grpc_server import SERVICE_PORTS
+from shared.settings import load_settings
+
+SERVICES = list(SERVICE_PORTS)
+
+
+def _state_file() -> Path:
+    return load_settings().home / "up.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our own exited child, so a zombie does not count as alive.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state() -> dict[str, dict]:
+    path = _state_file()
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str = "127.0.0.1") -> dict[str, dict]:
+    """Start each service as a detached process, wait until all report SERVING, record their PIDs."""
+    settings = load_settings()
+    running = {k: v for k, v in read_state().items() if _alive(v["pid"])}
+    log_dir = settings.home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    state = dict(running)
+    for name in services or SERVICES:
+        if name in running:
+            continue
+        port, metrics_port = SERVICE_PORTS[name]
+        log_path = log_dir / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}", "--port", str(port),
+                 "--metrics-port", str(metrics_port), "--host", host],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        state[name] = {"pid": proc.pid, "address": f"{host}:{port}", "metrics": f"http://{host}:{metrics_port}/metrics",
+                       "log": str(log_path)}
+    _state_file().parent.mkdir(parents=True, exist_ok=True)
+    _state_file().write_text(json.dumps(state, indent=2))
+    for name, info in state.items():
+        try:
+            wait_serving(info["address"], deadline_s)
+        except TimeoutError as exc:
+            raise FailedPrecondition(f"{name} did not become ready: {exc}; see {info['log']}") from exc
+    return state
+
+
+def status() -> dict[str, dict]:
+    """Each service's health, at the address `up` recorded or at its default port."""
+    state = read_state()
+    out = {}
+    for name in SERVICES:
+        info = state.get(name) or {"address": f"127.0.0.1:{SERVICE_PORTS[name][0]}"}
+        out[name] = {**info, "health": health_status(info["address"])}
+    return out
+
+
+def down(grace_s: float = 20.0) -> list[str]:
+    """SIGTERM every recorded service, SIGKILL any still alive after ``grace_s``; returns the names stopped."""
+    state = read_state()
+    stopped = []
+    for name, info in state.items():
+        if _alive(info["pid"]):
+            os.kill(info["pid"], signal.SIGTERM)
+            stopped.append(name)
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end and any(_alive(state[n]["pid"]) for n in stopped):
+        time.sleep(0.1)
+    for name in stopped:
+        if _alive(state[name]["pid"]):
+            os.kill(state[name]["pid"], signal.SIGKILL)
+    _state_file().unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,132 @@
+"""The shared bootstrap, exercised on a real server with a small test servicer."""
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from shared import errors
+from shared.grpc_client import channel, health_status
+from shared.grpc_server import REQUEST_ID_HEADER, start
+from shared.pb import train_pb2, train_pb2_grpc
+
+
+class _Servicer(train_pb2_grpc.TrainServiceServicer):
+    """GetRun raises the domain error named by the run id; WatchRun streams two events then fails."""
+
+    def GetRun(self, request, context):
+        if request.run_id == "missing":
+            raise errors.NotFound("run 'missing' does not exist")
+        if request.run_id == "bad":
+            raise errors.InvalidArgument("run id 'bad' is malformed")
+        if request.run_id == "boom":
+            raise RuntimeError("kaboom")
+        if request.run_id == "slow":
+            time.sleep(1.0)
+        return train_pb2.Run(run_id=request.run_id)
+
+    def WatchRun(self, request, context):
+        yield train_pb2.RunEvent(epoch=train_pb2.EpochMetrics(epoch=1))
+        yield train_pb2.RunEvent(epoch=train_pb2.EpochMetrics(epoch=2))
+        raise errors.FailedPrecondition("run was cancelled")
+
+
+def _register(server):
+    train_pb2_grpc.add_TrainServiceServicer_to_server(_Servicer(), server)
+    return [train_pb2.DESCRIPTOR.services_by_name["TrainService"].full_name]
+
+
+@pytest.fixture
+def host():
+    gate = threading.Event()
+    svc = start("test", _register, port=0, metrics_port=None, max_message_bytes=1024 * 1024, warmup=gate.wait)
+    svc.gate = gate
+    yield svc
+    svc.stop(grace=1)
+
+
+def _stub(host):
+    return train_pb2_grpc.TrainServiceStub(channel(f"127.0.0.1:{host.port}"))
+
+
+def test_health_is_not_serving_until_warmup_finishes_then_serving(host):
+    addr = f"127.0.0.1:{host.port}"
+    assert health_status(addr) == "NOT_SERVING"
+    assert health_status(addr, "trainyard.v1.TrainService") == "NOT_SERVING"
+    host.gate.set()
+    deadline = time.monotonic() + 5
+    while health_status(addr) != "SERVING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health_status(addr) == "SERVING"
+    assert health_status(addr, "trainyard.v1.TrainService") == "SERVING"
+
+
+@pytest.mark.parametrize(
+    "run_id, code, text",
+    [("missing", grpc.StatusCode.NOT_FOUND, "does not exist"),
+     ("bad", grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+     ("boom", grpc.StatusCode.INTERNAL, "kaboom")],
+)
+def test_domain_errors_map_to_status_codes(host, run_id, code, text):
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(host).GetRun(train_pb2.GetRunRequest(run_id=run_id), timeout=5)
+    assert info.value.code() == code
+    assert text in info.value.details()
+    # and the server keeps serving
+    assert _stub(host).GetRun(train_pb2.GetRunRequest(run_id="ok"), timeout=5).run_id == "ok"
+
+
+def test_streaming_error_after_items(host):
+    call = _stub(host).WatchRun(train_pb2.WatchRunRequest(run_id="x"), timeout=5)
+    got = []
+    with pytest.raises(grpc.RpcError) as info:
+        for event in call:
+            got.append(event.epoch.epoch)
+    assert got == [1, 2]
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_request_id_is_echoed(host):
+    _, call = _stub(host).GetRun.with_call(
+        train_pb2.GetRunRequest(run_id="ok"), metadata=((REQUEST_ID_HEADER, "abc123"),), timeout=5
+    )
+    assert dict(call.initial_metadata())[REQUEST_ID_HEADER] == "abc123"
+
+
+def test_message_over_the_limit_is_resource_exhausted(host):
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(host).GetRun(train_pb2.GetRunRequest(run_id="x" * (2 * 1024 * 1024)), timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_unimplemented_rpc_says_so(host):
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(host).ListRuns(train_pb2.ListRunsRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_reflection_lists_the_services(host):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel(f"127.0.0.1:{host.port}"))
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"trainyard.v1.TrainService", "grpc.health.v1.Health"} <= names
+
+
+def test_drain_reports_not_serving_and_lets_inflight_calls_finish(host):
+    host.gate.set()
+    addr = f"127.0.0.1:{host.port}"
+    ch = channel(addr)
+    stub = train_pb2_grpc.TrainServiceStub(ch)
+    health = health_pb2_grpc.HealthStub(ch)
+    time.sleep(0.2)
+    future = stub.GetRun.future(train_pb2.GetRunRequest(run_id="slow"), timeout=5)
+    time.sleep(0.2)
+    stopper = threading.Thread(target=host.stop, kwargs={"grace": 5})
+    stopper.start()
+    time.sleep(0.1)
+    assert future.result().run_id == "slow"
+    stopper.join()
+    with pytest.raises(grpc.RpcError):
+        health.Check(health_pb2.HealthCheckRequest(), timeout=1)
