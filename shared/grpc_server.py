@@ -163,7 +163,7 @@ class ServiceHost:
         self.set_serving(False)
         self.server.stop(grace).wait()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.close()
         self._stopped.set()
         log.info("stopped", extra={"service": self.name})
 
@@ -210,7 +210,7 @@ def start(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{name}: cannot bind {host}:{port}")
-    metrics_server = start_metrics_server(metrics_port) if metrics_port is not None else None
+    metrics_server = start_metrics_server(metrics_port, addr=host) if metrics_port is not None else None
     svc = ServiceHost(name, server, health_servicer, bound, service_names, metrics_port, metrics_server)
     svc.set_serving(False)
     server.start()

@@ -42,8 +42,12 @@ def read_state() -> dict[str, dict]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str = "127.0.0.1") -> dict[str, dict]:
-    """Start each service as a detached process, wait until all report SERVING, record their PIDs."""
+def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str = "127.0.0.1",
+       ports: dict[str, tuple[int, int]] | None = None) -> dict[str, dict]:
+    """Start each service as a detached process, wait until all report SERVING, record their PIDs.
+
+    ``ports`` maps a service to its (gRPC, metrics) ports; the defaults are SERVICE_PORTS.
+    """
     settings = load_settings()
     running = {k: v for k, v in read_state().items() if _alive(v["pid"])}
     log_dir = settings.home / "logs"
@@ -52,7 +56,7 @@ def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str =
     for name in services or SERVICES:
         if name in running:
             continue
-        port, metrics_port = SERVICE_PORTS[name]
+        port, metrics_port = (ports or SERVICE_PORTS)[name]
         log_path = log_dir / f"{name}.log"
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(

@@ -1,20 +1,84 @@
-"""gRPC servicer of the train service: thin, it delegates to the domain modules beside it."""
+"""gRPC servicer of the train service: thin, it delegates to the run registry (runs.py) and its backends."""
 from __future__ import annotations
+
+import os
 
 import grpc
 
+from services.train.k8s_backend import JobSettings, KubernetesBackend
+from services.train.local_backend import LocalBackend
+from services.train.runs import RunManager, RunView, UnavailableBackend
+from shared.errors import FailedPrecondition
 from shared.grpc_server import serve, service_arg_parser
 from shared.pb import train_pb2, train_pb2_grpc
 
 
+def to_proto(view: RunView) -> train_pb2.Run:
+    r = view.record
+    return train_pb2.Run(
+        run_id=r.run_id, state=train_pb2.RunState.Value(f"RUN_STATE_{view.state}"), backend=r.backend,
+        experiment=r.experiment, model=r.model, epoch=view.epoch, epochs=r.epochs, metrics=view.metrics,
+        mlflow_run_id=view.mlflow_run_id, message=view.message, created_unix=r.created,
+        started_unix=view.started, finished_unix=view.finished, config_yaml=r.config_yaml, replicas=r.replicas,
+        model_uri=view.model_uri,
+    )
+
+
 class TrainServiceServicer(train_pb2_grpc.TrainServiceServicer):
-    pass
+    def __init__(self, manager: RunManager):
+        self.manager = manager
+
+    def SubmitRun(self, request, context):
+        view = self.manager.submit(request.config_yaml, list(request.overrides), request.backend,
+                                   request.run_id, request.replicas)
+        return to_proto(view)
+
+    def GetRun(self, request, context):
+        return to_proto(self.manager.get(request.run_id))
+
+    def WatchRun(self, request, context):
+        for kind, item in self.manager.watch(request.run_id, is_active=context.is_active):
+            if kind == "run":
+                yield train_pb2.RunEvent(run=to_proto(item))
+            else:
+                yield train_pb2.RunEvent(epoch=train_pb2.EpochMetrics(
+                    epoch=int(item["epoch"]), metrics={k: float(v) for k, v in item.get("metrics", {}).items()}))
+
+    def CancelRun(self, request, context):
+        return to_proto(self.manager.cancel(request.run_id))
+
+    def ListRuns(self, request, context):
+        state = "" if request.state == train_pb2.RUN_STATE_UNSPECIFIED else \
+            train_pb2.RunState.Name(request.state).removeprefix("RUN_STATE_")
+        return train_pb2.ListRunsResponse(runs=[to_proto(v) for v in self.manager.list(state, request.limit)])
 
 
-def register(server: grpc.Server) -> list[str]:
-    train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(), server)
-    return [train_pb2.DESCRIPTOR.services_by_name["TrainService"].full_name]
+def build_manager(default_backend: str = "local", max_concurrent: int = 1,
+                  job_settings: JobSettings | None = None) -> RunManager:
+    backends = {"local": LocalBackend(max_concurrent=max_concurrent)}
+    try:
+        backends["kubernetes"] = KubernetesBackend(job_settings or JobSettings())
+    except FailedPrecondition as exc:
+        backends["kubernetes"] = UnavailableBackend("kubernetes", str(exc))
+    return RunManager(backends, default_backend=default_backend)
 
 
 def main(argv: list[str] | None = None) -> None:
-    serve("train", register, service_arg_parser("train").parse_args(argv))
+    parser = service_arg_parser("train")
+    parser.add_argument("--default-backend", default="local", choices=["local", "kubernetes"])
+    parser.add_argument("--max-concurrent", type=int, default=1, help="local runs at once")
+    parser.add_argument("--namespace", default=os.environ.get("TRAINYARD_NAMESPACE", "trainyard"),
+                        help="namespace of the training Jobs")
+    parser.add_argument("--train-image", default=os.environ.get("TRAINYARD_TRAIN_IMAGE", "trainyard-train:latest"),
+                        help="image of the training Jobs")
+    parser.add_argument("--gpus", type=int, default=int(os.environ.get("TRAINYARD_TRAIN_GPUS", "1")),
+                        help="nvidia.com/gpu per training pod (0 for CPU-only clusters)")
+    args = parser.parse_args(argv)
+    job_settings = JobSettings(namespace=args.namespace, image=args.train_image, gpus_per_pod=args.gpus)
+
+    def register(server: grpc.Server) -> list[str]:
+        manager = build_manager(args.default_backend, args.max_concurrent, job_settings)
+        train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(manager), server)
+        return [train_pb2.DESCRIPTOR.services_by_name["TrainService"].full_name]
+
+    serve("train", register, args)

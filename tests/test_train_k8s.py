@@ -1,0 +1,155 @@
+"""The kubernetes backend against a local HTTP server implementing the Job endpoints it uses.
+
+These tests check the exact API requests and how Job and Pod status become run states. They do
+not replace a cluster: scheduling, GPUs, image pulls and pod restarts are only shown by a real one.
+"""
+import json
+import threading
+import time
+
+import pytest
+from kubernetes import client as k8s
+
+from services.train.events import events_key
+from services.train.k8s_backend import CONFIG_ENV, JobSettings, KubernetesBackend, build_job, job_name
+from services.train.runs import RunManager
+from shared.storage import open_store
+from tests.harness.fake_kube import FakeKubeServer
+
+CONFIG = """\
+experiment: mnist
+model: {name: mnist_ultralight}
+data: {kind: mnist, path: datasets/digits}
+epochs: 2
+batch_size: 64
+"""
+NS = "trainyard"
+
+
+@pytest.fixture
+def kube():
+    with FakeKubeServer() as server:
+        yield server
+
+
+@pytest.fixture
+def manager(kube, tmp_path):
+    conf = k8s.Configuration(host=kube.url)
+    backend = KubernetesBackend(JobSettings(namespace=NS, image="registry.example/trainyard-train:1.0"),
+                                api_client=k8s.ApiClient(conf), store_url=f"file://{tmp_path / 'store'}")
+    return RunManager({"kubernetes": backend}, default_backend="kubernetes", root=tmp_path / "runs")
+
+
+def _job_requests(kube):
+    return [(r.method, r.path) for r in kube.state.requests if "/jobs" in r.path]
+
+
+def test_submit_creates_exactly_the_built_job(kube, manager):
+    view = manager.submit(CONFIG, ["optimizer.lr=0.02"], run_id="mnist-k8s-1")
+    name = job_name("mnist-k8s-1")
+    base = f"/apis/batch/v1/namespaces/{NS}/jobs"
+    assert _job_requests(kube) == [("DELETE", f"{base}/{name}"), ("POST", base), ("GET", f"{base}/{name}/status")]
+    posted = kube.state.requests[1].body
+    expected = k8s.ApiClient().sanitize_for_serialization(build_job(view.record, manager.backends["kubernetes"].settings))
+    assert posted == expected
+    container = posted["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example/trainyard-train:1.0"
+    assert container["args"][:4] == ["-m", "services.train.worker", "--run-id", "mnist-k8s-1"]
+    assert container["args"][-2:] == ["--set", "optimizer.lr=0.02"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {e["name"]: e.get("value") for e in container["env"]}[CONFIG_ENV] == CONFIG
+    assert posted["metadata"]["labels"]["trainyard.dev/run-id"] == "mnist-k8s-1"
+    assert view.state == "QUEUED"
+
+
+def test_job_and_pod_status_become_run_states(kube, manager, tmp_path):
+    manager.submit(CONFIG, run_id="mnist-k8s-2")
+    name = job_name("mnist-k8s-2")
+    kube.state.pods.append({
+        "metadata": {"name": f"{name}-abcde", "labels": {"job-name": name}},
+        "status": {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
+    })
+    pending = manager.get("mnist-k8s-2")
+    assert pending.state == "QUEUED"
+    kube.state.set_status(NS, name, {"active": 1})
+    assert manager.get("mnist-k8s-2").state == "RUNNING"
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    events = [{"type": "state", "state": "RUNNING", "ts": 1.0, "mlflow_run_id": "abc"},
+              {"type": "epoch", "epoch": 1, "epochs": 2, "metrics": {"val_acc": 0.9, "train_loss": 0.3}}]
+    store.put_bytes(events_key("mnist-k8s-2"), "".join(json.dumps(e) + "\n" for e in events).encode())
+    view = manager.get("mnist-k8s-2")
+    assert (view.state, view.epoch, view.metrics["val_acc"], view.mlflow_run_id) == ("RUNNING", 1, 0.9, "abc")
+
+    kube.state.set_status(NS, name, {"failed": 4, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]})
+    failed = manager.get("mnist-k8s-2")
+    assert failed.state == "FAILED" and "BackoffLimitExceeded" in failed.message
+
+
+def test_pending_reason_comes_from_the_pod(kube, manager):
+    backend = manager.backends["kubernetes"]
+    record = manager.submit(CONFIG, run_id="mnist-k8s-3").record
+    name = job_name("mnist-k8s-3")
+    kube.state.pods.append({
+        "metadata": {"name": f"{name}-x", "labels": {"job-name": name}},
+        "status": {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
+    })
+    status = backend.status(record)
+    assert status.phase == "pending" and "Insufficient nvidia.com/gpu" in status.message
+    assert any(r.path == f"/api/v1/namespaces/{NS}/pods" and r.query["labelSelector"] == f"job-name={name}"
+               for r in kube.state.requests)
+
+
+def test_watch_follows_the_job_until_it_completes(kube, manager, tmp_path):
+    manager.submit(CONFIG, run_id="mnist-k8s-4")
+    name = job_name("mnist-k8s-4")
+    store = open_store(f"file://{tmp_path / 'store'}")
+
+    def cluster():
+        time.sleep(0.5)
+        kube.state.set_status(NS, name, {"active": 1})
+        time.sleep(0.5)
+        store.put_bytes(events_key("mnist-k8s-4"), (json.dumps(
+            {"type": "epoch", "epoch": 1, "epochs": 2, "metrics": {"val_acc": 0.5}}) + "\n").encode())
+        kube.state.set_status(NS, name, {"active": 1, "ready": 1})
+        time.sleep(0.5)
+        store.put_bytes(events_key("mnist-k8s-4"), "".join(json.dumps(e) + "\n" for e in [
+            {"type": "epoch", "epoch": 1, "epochs": 2, "metrics": {"val_acc": 0.5}},
+            {"type": "epoch", "epoch": 2, "epochs": 2, "metrics": {"val_acc": 0.8}},
+            {"type": "state", "state": "SUCCEEDED", "ts": 2.0}]).encode())
+        kube.state.set_status(NS, name, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+
+    threading.Thread(target=cluster, daemon=True).start()
+    seen = list(manager.watch("mnist-k8s-4", poll=5))
+    states = [item.state for kind, item in seen if kind == "run"]
+    epochs = [item["epoch"] for kind, item in seen if kind == "epoch"]
+    assert states[0] == "QUEUED" and states[-1] == "SUCCEEDED" and "RUNNING" in states
+    assert epochs == [1, 2]
+    # it waited on the watch endpoint rather than sleeping blindly
+    assert any(r.query.get("watch") in ("true", "True") for r in kube.state.requests)
+
+
+def test_cancel_deletes_the_job_with_its_pods(kube, manager):
+    manager.submit(CONFIG, run_id="mnist-k8s-5")
+    kube.state.set_status(NS, job_name("mnist-k8s-5"), {"active": 1})
+    view = manager.cancel("mnist-k8s-5")
+    delete = [r for r in kube.state.requests if r.method == "DELETE"][-1]
+    assert delete.path.endswith(f"/jobs/{job_name('mnist-k8s-5')}")
+    assert delete.query["propagationPolicy"] == "Foreground"
+    assert view.state == "CANCELLED"
+    assert (NS, job_name("mnist-k8s-5")) not in kube.state.jobs
+
+
+def test_replicas_make_an_indexed_job_running_torchrun(manager):
+    view = manager.submit(CONFIG, run_id="mnist-k8s-6", replicas=2)
+    job = k8s.ApiClient().sanitize_for_serialization(build_job(view.record, JobSettings()))
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun"]
+    assert "--nnodes=2" in container["args"] and "--node-rank=$(JOB_COMPLETION_INDEX)" in container["args"]
+    assert spec["template"]["spec"]["subdomain"] == "trainyard-train-workers"
