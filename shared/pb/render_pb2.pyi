@@ -43,26 +43,18 @@ class CadSynth(_message.Message):
     def __init__(self) -> None: ...
 
 class TrajectoryRender(_message.Message):
-    __slots__ = ("cameras", "frames", "image_size", "horizon", "shard_size")
-    CAMERAS_FIELD_NUMBER: _ClassVar[int]
-    FRAMES_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    HORIZON_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("shard_size",)
     SHARD_SIZE_FIELD_NUMBER: _ClassVar[int]
-    cameras: int
-    frames: int
-    image_size: int
-    horizon: int
     shard_size: int
-    def __init__(self, cameras: _Optional[int] = ..., frames: _Optional[int] = ..., image_size: _Optional[int] = ..., horizon: _Optional[int] = ..., shard_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, shard_size: _Optional[int] = ...) -> None: ...
 
 class LogoRender(_message.Message):
-    __slots__ = ("image_size", "val_fraction")
+    __slots__ = ("image_size", "val_per_class")
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    VAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    VAL_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
     image_size: int
-    val_fraction: float
-    def __init__(self, image_size: _Optional[int] = ..., val_fraction: _Optional[float] = ...) -> None: ...
+    val_per_class: int
+    def __init__(self, image_size: _Optional[int] = ..., val_per_class: _Optional[int] = ...) -> None: ...
 
 class DigitRender(_message.Message):
     __slots__ = ("test_count", "gzip")

@@ -1,0 +1,94 @@
+"""Local-directory backend: the embedded default when no object store is configured."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import BinaryIO
+
+from shared.errors import FailedPrecondition, NotFound
+from shared.storage.base import TEMP_PREFIX, ArtifactStore
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: str | os.PathLike):
+        self.root = pathlib.Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise FailedPrecondition(f"store root {self.root} exists and is not a directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = f"file://{self.root}"
+
+    def _path(self, key: str) -> pathlib.Path:
+        return self.root / key
+
+    def _stage(self, key: str) -> tuple[pathlib.Path, int, str]:
+        dest = self._path(key)
+        if dest.is_dir():
+            raise FailedPrecondition(
+                f"{key!r} is a directory of keys in {self.url}; cannot write a file there"
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=dest.parent)
+        return dest, fd, tmp
+
+    def _commit(self, fd_file, tmp: str, dest: pathlib.Path) -> None:
+        # fsync before the rename so a crash cannot leave a renamed-but-empty file behind.
+        fd_file.flush()
+        os.fsync(fd_file.fileno())
+        fd_file.close()
+        os.replace(tmp, dest)
+
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        dest, fd, tmp = self._stage(key)
+        try:
+            f = os.fdopen(fd, "wb")
+            f.write(data)
+            self._commit(f, tmp, dest)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _write_file(self, key: str, path: pathlib.Path) -> None:
+        dest, fd, tmp = self._stage(key)
+        try:
+            f = os.fdopen(fd, "wb")
+            with path.open("rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+            self._commit(f, tmp, dest)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"{key!r} does not exist in {self.url}") from None
+
+    def _list(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, names in os.walk(base):
+            rel_dir = pathlib.Path(dirpath).relative_to(self.root).as_posix()
+            for name in names:
+                if not name.startswith(TEMP_PREFIX):
+                    keys.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+        return keys
+
+    def _exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            pass
+
+    def _delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)

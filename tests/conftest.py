@@ -1,0 +1,67 @@
+"""Fixtures that start real servers, lazily: a server starts only when a test asks for it."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+# `tests.harness` must import under plain `pytest` too, not only `python -m pytest`.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests.harness import MlflowServer, PrometheusServer, SeaweedServer  # noqa: E402
+
+# The suite runs offline; MLflow's telemetry client failing to start has surfaced as
+# KeyError('_MLFLOW_TELEMETRY_SESSION_ID') from ordinary tracking calls.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS S3 gateway: ``.endpoint`` ("127.0.0.1:port"), ``.access_key``, ``.secret_key``,
+    ``.bucket`` (created), ``.env()`` (the variables shared.settings reads)."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_store_url(s3_server, request, monkeypatch) -> str:
+    """A fresh ``s3://bucket/prefix`` for this test, with the S3 env vars set for its duration.
+
+    Tests share one bucket (each SeaweedFS bucket reserves volumes of its own) under distinct prefixes.
+    """
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60].strip("-")
+    return f"s3://{s3_server.bucket}/tests/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """``mlflow server`` with sqlite + S3 artifacts: ``.uri``, ``.restart()`` (same port and data)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3_server).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path_factory):
+    """``start(["127.0.0.1:port", ...]) -> PrometheusServer`` (``.url``, ``.query(promql)``,
+    ``.wait_for(promql, accept)``); every server started is stopped after the test."""
+    started: list[PrometheusServer] = []
+
+    def start(targets, job: str = "trainyard") -> PrometheusServer:
+        server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), targets, job=job)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,116 @@
+"""A real Prometheus for tests: Debian's /usr/bin/prometheus scraping given targets every second."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterable
+
+import yaml
+
+from tests.harness.process import HOST, ManagedProcess, free_port, http_probe, start_with_retries
+
+SCRAPE_INTERVAL = "1s"
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus") or (
+        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").is_file() else None
+    )
+    if not found:
+        raise FileNotFoundError("no prometheus binary: apt-get install prometheus")
+    return found
+
+
+class PrometheusServer:
+    def __init__(self, workdir: str | Path, targets: Iterable[str], job: str = "trainyard"):
+        self.workdir = Path(workdir)
+        self.targets = list(targets)
+        self.job = job
+        self.port: int | None = None
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _write_config(self) -> Path:
+        config = {
+            "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+            "scrape_configs": [
+                {
+                    "job_name": self.job,
+                    "scrape_timeout": SCRAPE_INTERVAL,
+                    "static_configs": [{"targets": self.targets}],
+                }
+            ],
+        }
+        path = self.workdir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def _make_process(self) -> ManagedProcess:
+        self.port = free_port()
+        argv = [
+            prometheus_binary(),
+            f"--config.file={self._write_config()}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address={HOST}:{self.port}",
+        ]
+        return ManagedProcess(
+            "prometheus",
+            argv,
+            self.workdir / "prometheus.log",
+            http_probe(f"{self.url}/-/ready"),
+            cwd=self.workdir,
+            ready_timeout=60,
+            stop_grace=5,
+        )
+
+    def start(self) -> "PrometheusServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = start_with_retries(self._make_process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def query(self, promql: str) -> list[dict]:
+        """Instant query through the HTTP API; returns ``data.result`` (one dict per series)."""
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = json.load(resp)
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus query {promql!r} failed: {body}")
+        return body["data"]["result"]
+
+    def wait_for(
+        self, promql: str, accept: Callable[[list[dict]], bool] = bool, timeout: float = 30.0
+    ) -> list[dict]:
+        """Poll ``query(promql)`` until ``accept(result)`` or the deadline; returns the last result."""
+        deadline = time.monotonic() + timeout
+        result: list[dict] = []
+        while time.monotonic() < deadline:
+            result = self.query(promql)
+            if accept(result):
+                return result
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"{promql!r} did not satisfy the condition within {timeout:.0f}s; last result: {result}"
+        )
+
+    def targets_health(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=5) as resp:
+            return json.load(resp)["data"]["activeTargets"]
+
+    def __enter__(self) -> "PrometheusServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
