@@ -1,0 +1,114 @@
+"""Dataset indexes the trainer reads instead of listing a store.
+
+- Image folders (``<split>/<class>/<file>`` or ``<class>/<file>``) -> a classification manifest:
+  classes (sorted names = label ids), per-split per-class counts, and every file with its label.
+- Trajectory shards -> the shard index of ``shared.data.trajectories.read_index``.
+
+Both come from a published store prefix (``*_from_store``) or, for image folders, a local
+directory, and are published with ``publish_index`` as ``<out_prefix>/index.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from shared.errors import InvalidArgument, TrainyardError
+from shared.storage import ArtifactStore, Manifest, open_store
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+INDEX_NAME = "index.json"
+
+
+def image_folder_index(paths: Iterable[str], source: str = "") -> dict[str, Any]:
+    """Build a classification index from relative file paths; non-images are ignored."""
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for rel in sorted(paths):
+        if not rel.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        parts = rel.split("/")
+        if len(parts) == 3:
+            split, cls = parts[0], parts[1]
+        elif len(parts) == 2:
+            split, cls = "train", parts[0]  # no split level: everything is training data
+        else:
+            raise InvalidArgument(f"{source or 'image folder'}: {rel!r} is not <split>/<class>/<file> "
+                                  "or <class>/<file>")
+        by_split.setdefault(split, []).append((rel, cls))
+    if not by_split:
+        raise InvalidArgument(f"{source or 'image folder'} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    classes = sorted({cls for items in by_split.values() for _, cls in items})
+    label = {cls: i for i, cls in enumerate(classes)}
+    splits = {}
+    for split, items in sorted(by_split.items()):
+        counts = {cls: 0 for cls in classes}
+        for _, cls in items:
+            counts[cls] += 1
+        splits[split] = {"total": len(items), "counts": counts,
+                         "files": [[rel, label[cls]] for rel, cls in items]}
+    return {"type": "image_folder", "source": source, "classes": classes, "splits": splits}
+
+
+def image_folder_from_dir(root: str | Path) -> dict[str, Any]:
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidArgument(f"image folder {root} is not a directory")
+    paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    return image_folder_index(paths, source=str(root))
+
+
+def image_folder_from_store(store: ArtifactStore, prefix: str) -> dict[str, Any]:
+    """Index a published image-folder dataset from its manifest (the files it vouches for)."""
+    prefix = prefix.strip("/")
+    manifest = store.read_manifest(prefix)
+    index = image_folder_index(manifest.files, source=f"{store.url}/{prefix}")
+    index["prefix"] = prefix
+    return index
+
+
+def trajectory_from_store(store: ArtifactStore, prefix: str) -> dict[str, Any]:
+    # Imported here: the reader pulls in torch, which the image-folder path does not need.
+    from shared.data.trajectories import read_index
+
+    return read_index(store, prefix)
+
+
+def publish_index(store: ArtifactStore, out_prefix: str, index: dict[str, Any]) -> Manifest:
+    data = json.dumps(index, indent=1, sort_keys=True).encode()
+    meta = {"kind": f"{index['type']}_index", "source": index.get("source") or index.get("prefix")}
+    return store.publish(out_prefix, {INDEX_NAME: data}, meta=meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.convert.indexes")
+    parser.add_argument("type", choices=["image-folder", "trajectories"])
+    parser.add_argument("--store", default=None, help="store URL or directory (default: TRAINYARD_STORE)")
+    parser.add_argument("--prefix", help="published dataset prefix in the store")
+    parser.add_argument("--dir", help="local image folder (image-folder only), instead of --prefix")
+    parser.add_argument("--out-prefix", help="publish the index here (default: print it)")
+    args = parser.parse_args(argv)
+    try:
+        store = open_store(args.store)
+        if args.type == "image-folder" and args.dir:
+            index = image_folder_from_dir(args.dir)
+        elif not args.prefix:
+            raise InvalidArgument("--prefix is required (or --dir for a local image folder)")
+        elif args.type == "image-folder":
+            index = image_folder_from_store(store, args.prefix)
+        else:
+            index = trajectory_from_store(store, args.prefix)
+        if args.out_prefix:
+            publish_index(store, args.out_prefix, index)
+            print(json.dumps({"index": f"{args.out_prefix}/{INDEX_NAME}"}))
+        else:
+            print(json.dumps(index, indent=1, sort_keys=True))
+    except TrainyardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The render service: procedural dataset generators and the sharded, resumable dataset writer."""

@@ -1,0 +1,171 @@
+"""`make demo`: the whole pipeline on embedded defaults, end to end, through the services.
+
+1. services  — all five start locally and report their health;
+2. datasets  — synthetic CAD models rendered to views and converted to TinyLLaVA (validated),
+               trajectory videos, logos and MNIST-format digits, rendered through RenderService;
+3. training  — the three MNIST setups train for a few epochs on the digits through TrainService,
+               as three runs of one MLflow experiment, compared in a table;
+4. serving   — the best model is served by the inference service and classifies test digits
+               through the gRPC client; the three MNIST models are benchmarked.
+
+Everything lands in ``.trainyard/demo`` (TRAINYARD_HOME for the demo), recreated on each run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MNIST_SETUPS = ("mnist_rough", "mnist_cake", "mnist_ultralight")
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def stage_services() -> dict:
+    from shared.local_stack import status, up
+
+    banner("1. services")
+    state = up(deadline_s=180)
+    for name, info in status().items():
+        print(f"  {name:<10} {info['address']:<18} {info['health']}")
+    return state
+
+
+def _render(stub, request, label: str):
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"  {label}", unit="item", leave=True)
+    last = None
+    for progress in stub.Render(request):
+        bar.total = progress.total or bar.total
+        bar.n = progress.done
+        bar.refresh()
+        last = progress
+    bar.close()
+    return last
+
+
+def stage_datasets(state: dict, data: Path) -> dict[str, str]:
+    from shared.grpc_client import channel
+    from shared.pb import convert_pb2, convert_pb2_grpc, render_pb2, render_pb2_grpc
+    from shared.storage import open_location
+
+    banner("2. datasets")
+    render = render_pb2_grpc.RenderServiceStub(channel(state["render"]["address"]))
+    convert = convert_pb2_grpc.ConvertServiceStub(channel(state["convert"]["address"]))
+    out = {name: str(data / name) for name in ("cad_json", "cad_views", "tinyllava", "trajectories", "logos",
+                                                 "digits")}
+    workers = os.cpu_count() or 1
+    jobs = [
+        ("cad-synth", render_pb2.RenderRequest(out=out["cad_json"], count=300, seed=1, workers=workers,
+                                               cad_synth=render_pb2.CadSynth())),
+        ("cad views", render_pb2.RenderRequest(out=out["cad_views"], workers=workers,
+                                               cad=render_pb2.CadRender(input=out["cad_json"]))),
+        ("trajectories", render_pb2.RenderRequest(out=out["trajectories"], count=400, seed=2, workers=workers,
+                                                  trajectories=render_pb2.TrajectoryRender())),
+        ("logos", render_pb2.RenderRequest(out=out["logos"], count=400, seed=3, workers=workers,
+                                           logos=render_pb2.LogoRender(image_size=128))),
+        ("digits", render_pb2.RenderRequest(out=out["digits"], count=8000, seed=4, workers=workers,
+                                            digits=render_pb2.DigitRender(test_count=2000))),
+    ]
+    for label, request in jobs:
+        last = _render(render, request, label)
+        print(f"  {label}: {last.done} items in {last.elapsed_seconds:.1f}s, {last.failed} failed")
+
+    for progress in convert.ToTinyLlava(convert_pb2.TinyLlavaRequest(
+            cad_json=out["cad_json"], images=out["cad_views"], out=out["tinyllava"], seed=1)):
+        last = progress
+    print(f"  tinyllava: {last.done} records in {last.elapsed_seconds:.2f}s")
+    report = convert.Validate(convert_pb2.ValidateRequest(path=out["tinyllava"]))
+    print("  validate: " + report.text.replace("\n", "\n  "))
+    if not report.ok:
+        raise SystemExit("the converted dataset failed validation")
+
+    print("\n  dataset                 files      MB  items")
+    for name, location in out.items():
+        store, prefix = open_location(location)
+        manifest = store.read_manifest(prefix)
+        meta = manifest.meta or {}
+        items = meta.get("total") or meta.get("num_records") or ""
+        print(f"  {name:<22} {len(manifest.files):>6} {manifest.total_size / 1e6:>7.1f}  {items}")
+    return out
+
+
+def stage_training(state: dict, digits: str, epochs: int = 3) -> list:
+    from tqdm import tqdm
+
+    from shared.grpc_client import channel
+    from shared.pb import train_pb2, train_pb2_grpc
+
+    banner("3. training")
+    stub = train_pb2_grpc.TrainServiceStub(channel(state["train"]["address"]))
+    runs = []
+    for name in MNIST_SETUPS:
+        config = (REPO / "configs" / f"{name}.yaml").read_text()
+        run = stub.SubmitRun(train_pb2.SubmitRunRequest(
+            config_yaml=config, overrides=[f"data.path={digits}", f"epochs={epochs}", "experiment=demo-mnist",
+                                           f"run_name={name}"]))
+        print(f"  submitted {run.run_id} ({name})")
+        runs.append(run.run_id)
+    finished = []
+    for run_id in runs:
+        bar = tqdm(desc=f"  {run_id}", total=epochs, unit="epoch")
+        for event in stub.WatchRun(train_pb2.WatchRunRequest(run_id=run_id)):
+            if event.HasField("epoch"):
+                bar.n = event.epoch.epoch
+                bar.set_postfix(val_acc=f"{event.epoch.metrics.get('val_acc', 0):.4f}")
+        bar.close()
+        run = stub.GetRun(train_pb2.GetRunRequest(run_id=run_id))
+        if run.state != train_pb2.RUN_STATE_SUCCEEDED:
+            raise SystemExit(f"run {run_id} ended {train_pb2.RunState.Name(run.state)}: {run.message}")
+        finished.append(run)
+    print_comparison(finished)
+    return finished
+
+
+def print_comparison(runs) -> None:
+    """The comparison table, read back from MLflow: what the MLflow UI shows side by side."""
+    from mlflow import MlflowClient
+
+    from shared.models import create_model
+    from shared.settings import load_settings
+
+    client = MlflowClient(load_settings().mlflow_uri)
+    print(f"\n  {'model':<18} {'params':>10} {'train acc':>9} {'val acc':>8} {'gap':>7} {'samples/s':>10}  mlflow run")
+    for run in runs:
+        metrics = client.get_run(run.mlflow_run_id).data.metrics
+        params = sum(p.numel() for p in create_model(run.model).parameters())
+        print(f"  {run.model:<18} {params:>10,} {metrics.get('train_acc', float('nan')):>9.4f} "
+              f"{metrics.get('val_acc', float('nan')):>8.4f} {metrics.get('overfit_gap', float('nan')):>7.4f} "
+              f"{metrics.get('samples_per_second', float('nan')):>10.0f}  {run.mlflow_run_id}")
+
+
+def main() -> int:
+    from shared.local_stack import down
+
+    home = REPO / ".trainyard" / "demo"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    os.environ["TRAINYARD_HOME"] = str(home)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TRAINYARD_PROGRESS", "0")
+    start = time.monotonic()
+    try:
+        state = stage_services()
+        data = stage_datasets(state, home / "data")
+        stage_training(state, data["digits"])
+    finally:
+        banner("shutting down")
+        print("  stopped: " + ", ".join(down()))
+    print(f"\ndemo finished in {time.monotonic() - start:.0f}s; everything is under {home}")
+    print(f"browse the runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
