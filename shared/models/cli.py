@@ -1,0 +1,47 @@
+"""`trainyard models list|summary` bodies; the lead's CLI parses arguments and prints the result."""
+from __future__ import annotations
+
+from typing import Any
+
+from shared.errors import InvalidArgument
+from shared.models.registry import create_model, is_registered, list_models, model_description
+from shared.models.summary import count_params, model_summary
+
+
+def parse_input_size(text: str) -> tuple[int, ...]:
+    """``"3x224x224"`` -> (3, 224, 224)."""
+    try:
+        dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise InvalidArgument(f"input size {text!r} is not of the form CxHxW, e.g. 1x28x28") from None
+    if len(dims) != 3 or min(dims) <= 0:
+        raise InvalidArgument(f"input size {text!r} is not of the form CxHxW, e.g. 1x28x28")
+    return dims
+
+
+def cmd_models_list(args: Any = None) -> str:
+    """Registered models with their parameter counts; timm names too when ``args.timm`` is set.
+
+    ``args`` is the argparse namespace; ``pattern`` (glob) and ``timm`` / ``include_timm`` are optional.
+    """
+    pattern = getattr(args, "pattern", None)
+    include_timm = bool(getattr(args, "timm", False) or getattr(args, "include_timm", False))
+    names = list_models(pattern, include_timm=include_timm)
+    ours = [n for n in names if is_registered(n)]
+    lines = []
+    width = max((len(n) for n in ours), default=0)
+    for name in ours:
+        params = count_params(create_model(name))
+        lines.append(f"{name.ljust(width)}  {params:>12,}  {model_description(name)}")
+    others = [n for n in names if not is_registered(n)]
+    if others:
+        lines.append(f"timm models ({len(others)}):")
+        lines += [f"  {n}" for n in others]
+    return "\n".join(lines) if lines else f"no model matches {pattern!r}"
+
+
+def cmd_models_summary(name: str, input_str: str = "1x28x28", num_classes: int | None = None) -> str:
+    """The layer-by-layer table of ``name`` for one ``CxHxW`` input; input channels follow ``input_str``."""
+    size = parse_input_size(input_str)
+    model = create_model(name, num_classes=num_classes, in_chans=size[0])
+    return model_summary(model, size, name=name).to_text()
