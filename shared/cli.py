@@ -213,6 +213,18 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_models(args) -> int:
+    from shared.models.cli import cmd_models_list, cmd_models_summary
+
+    if args.action == "list":
+        print(cmd_models_list(args))
+    else:
+        if not args.name:
+            raise SystemExit("trainyard models summary needs a model name")
+        print(cmd_models_summary(args.name, args.input, args.num_classes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainyard", description="experiment platform for small vision models")
     parser.add_argument("--log-level", default="WARNING")
@@ -240,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="follow the run with a progress bar until it ends")
     p.add_argument("--server", default=train_addr, help="train service address")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("models", help="list the model zoo, or print a model's layer-by-layer summary")
+    p.add_argument("action", choices=["list", "summary"])
+    p.add_argument("name", nargs="?", help="summary: the model name")
+    p.add_argument("--input", default="1x28x28", help="summary: input size CxHxW")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--pattern", help="list: only names matching this glob")
+    p.add_argument("--timm", action="store_true", help="list: include timm's models")
+    p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("render", help="render a dataset (CAD views, trajectories, logos, digits)")
     p.add_argument("kind", choices=["cad", "cad-synth", "trajectories", "logos", "digits"])

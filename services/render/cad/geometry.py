@@ -1,0 +1,150 @@
+"""Rebuild a parsed DeepCAD model as a solid with manifold3d.
+
+Each extrude turns its profiles (loops discretised into polygons in the sketch frame, filled
+even-odd so inner loops become holes) into a prism between the extent's two depths along the sketch
+normal, moves it into the world with the sketch transform, and combines it with the body so far:
+new body / join = union, cut = difference, intersect = intersection.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from manifold3d import CrossSection, FillRule, Manifold, OpType
+
+from .deepcad import Arc, CadFormatError, CadModel, Circle, Curve, Extrude, Line, Loop
+
+# Segments for a full circle; arcs get a share proportional to their sweep. 64 keeps round holes
+# round at 512 px while meshes stay small enough to render fast.
+CIRCLE_SEGMENTS = 64
+
+
+def _arc_points(arc: Arc, segments: int) -> np.ndarray:
+    """Points from start to end (inclusive) going round the side that contains ``mid``."""
+    cx, cy = arc.center
+    a_s = math.atan2(arc.start[1] - cy, arc.start[0] - cx)
+    a_e = math.atan2(arc.end[1] - cy, arc.end[0] - cx)
+    a_m = math.atan2(arc.mid[1] - cy, arc.mid[0] - cx)
+    ccw = (a_e - a_s) % (2 * math.pi)
+    if ccw < 1e-9:  # start == end: a full turn, direction from the angle fields
+        ccw = 2 * math.pi
+    sweep = ccw if (a_m - a_s) % (2 * math.pi) <= ccw else ccw - 2 * math.pi
+    n = max(2, int(math.ceil(abs(sweep) / (2 * math.pi) * segments)))
+    t = a_s + sweep * np.linspace(0.0, 1.0, n + 1)
+    # Radius from the start point, so the polyline meets the neighbouring curves exactly.
+    r = math.hypot(arc.start[0] - cx, arc.start[1] - cy)
+    pts = np.column_stack([cx + r * np.cos(t), cy + r * np.sin(t)])
+    pts[0], pts[-1] = arc.start, arc.end
+    return pts
+
+
+def curve_points(curve: Curve, segments: int = CIRCLE_SEGMENTS) -> np.ndarray:
+    """Polyline of one curve from its start to its end (a circle: closed, last point omitted)."""
+    if isinstance(curve, Line):
+        return np.array([curve.start, curve.end], dtype=np.float64)
+    if isinstance(curve, Arc):
+        return _arc_points(curve, segments)
+    if isinstance(curve, Circle):
+        t = np.linspace(0.0, 2 * math.pi, segments, endpoint=False)
+        return np.column_stack([curve.center[0] + curve.radius * np.cos(t),
+                                curve.center[1] + curve.radius * np.sin(t)])
+    raise CadFormatError(f"unsupported curve {type(curve).__name__}")
+
+
+def loop_polygon(loop: Loop, segments: int = CIRCLE_SEGMENTS) -> np.ndarray:
+    """A closed polygon (k, 2) for one loop, chaining curves head to tail.
+
+    DeepCAD does not promise that a loop's curves are listed head to tail or point the same way, so
+    each next curve is the unused one with an end nearest the current end, reversed if needed.
+    """
+    if len(loop.curves) == 1 and isinstance(loop.curves[0], Circle):
+        return curve_points(loop.curves[0], segments)
+    if any(isinstance(c, Circle) for c in loop.curves):
+        raise CadFormatError("a circle must be the only curve of its loop")
+    pieces = [curve_points(c, segments) for c in loop.curves]
+    allpts = np.concatenate(pieces)
+    diag = float(np.linalg.norm(allpts.max(0) - allpts.min(0)))
+    tol = max(1e-9, 1e-2 * diag)
+    chain = [pieces[0]]
+    rest = pieces[1:]
+    while rest:
+        end = chain[-1][-1]
+        d_start = [float(np.linalg.norm(p[0] - end)) for p in rest]
+        d_end = [float(np.linalg.norm(p[-1] - end)) for p in rest]
+        i_s, i_e = int(np.argmin(d_start)), int(np.argmin(d_end))
+        if d_start[i_s] <= d_end[i_e]:
+            gap, nxt = d_start[i_s], rest.pop(i_s)
+        else:
+            gap, nxt = d_end[i_e], rest.pop(i_e)[::-1]
+        if gap > tol:
+            raise CadFormatError(f"loop is not closed: gap of {gap:.4g} between curves")
+        chain.append(nxt)
+    closing = float(np.linalg.norm(chain[-1][-1] - chain[0][0]))
+    if closing > tol:
+        raise CadFormatError(f"loop is not closed: gap of {closing:.4g} between its last and first curve")
+    # Each curve's last point is the next one's first; drop the duplicates.
+    return np.concatenate([p[:-1] for p in chain])
+
+
+def profile_polygons(model: CadModel, sketch_id: str, profile_id: str) -> list[np.ndarray]:
+    profile = model.sketches[sketch_id].profiles[profile_id]
+    return [loop_polygon(loop) for loop in profile.loops]
+
+
+def extrude_tool(model: CadModel, feature: Extrude) -> Manifold:
+    """The prism one extrude feature adds, cuts or intersects, in world coordinates."""
+    by_sketch: dict[str, list[np.ndarray]] = {}
+    for sid, pid in feature.profiles:
+        # Even-odd per profile: its outer loop minus its hole loops, whichever order they come in.
+        section = CrossSection(profile_polygons(model, sid, pid), FillRule.EvenOdd)
+        if section.area() <= 0:
+            raise CadFormatError(f"{feature.id}: profile {pid} has no area")
+        by_sketch.setdefault(sid, []).append(section)
+    z0, z1 = feature.z_range()
+    parts = []
+    for sid, sections in by_sketch.items():
+        section = CrossSection.batch_boolean(sections, OpType.Add) if len(sections) > 1 else sections[0]
+        frame = model.sketches[sid].frame
+        if np.linalg.det(np.column_stack([frame.x_axis, frame.y_axis, frame.z_axis])) < 0:
+            # A left-handed frame would turn the solid inside out: mirror the section in y and
+            # flip the y axis, which maps every point to the same place.
+            section = section.mirror((0.0, 1.0))
+            matrix = np.column_stack([frame.x_axis, -frame.y_axis, frame.z_axis, frame.origin])
+        else:
+            matrix = frame.matrix()
+        prism = section.extrude(z1 - z0).translate((0.0, 0.0, z0))
+        parts.append(prism.transform(matrix))
+    return Manifold.batch_boolean(parts, OpType.Add) if len(parts) > 1 else parts[0]
+
+
+def combine(body: Manifold | None, tool: Manifold, operation: str) -> Manifold:
+    if body is None or body.is_empty():
+        if operation in ("new", "join"):
+            return tool
+        # Cutting or intersecting nothing leaves nothing.
+        return Manifold()
+    if operation in ("new", "join"):
+        return body + tool
+    if operation == "cut":
+        return body - tool
+    if operation == "intersect":
+        return body ^ tool
+    raise CadFormatError(f"unsupported operation {operation!r}")
+
+
+def rebuild(model: CadModel) -> Manifold:
+    """The model's final solid; raises CadFormatError when it cannot be built or ends up empty."""
+    body: Manifold | None = None
+    for feature in model.extrudes:
+        body = combine(body, extrude_tool(model, feature), feature.operation)
+    if body is None or body.is_empty() or body.volume() <= 0:
+        raise CadFormatError("the rebuilt solid is empty")
+    return body
+
+
+def mesh_arrays(solid: Manifold) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices (n, 3) float64, triangles (m, 3) int64, counter-clockwise seen from outside)."""
+    mesh = solid.to_mesh()
+    verts = np.asarray(mesh.vert_properties, dtype=np.float64)[:, :3]
+    tris = np.asarray(mesh.tri_verts, dtype=np.int64)
+    return verts, tris
