@@ -99,23 +99,15 @@ def _is_url(s: str) -> bool:
 
 def _list_cad_json(source: str) -> dict[str, str]:
     """model id -> path or key of every cad_json file (model id = file name without .json)."""
-    if _is_url(source):
-        from shared.storage import open_store
+    from services.render.cad.jobs import list_cad_json
 
-        keys = [k for k in open_store(source).list() if k.endswith(".json") and not k.endswith("MANIFEST.json")]
-    else:
-        root = Path(source)
-        if not root.is_dir():
-            raise NotFound(f"cad_json directory {root} does not exist")
-        keys = [str(p) for p in root.rglob("*.json")]
+    keys, _ = list_cad_json(source)
     out: dict[str, str] = {}
     for k in sorted(keys):
         mid = k.rsplit("/", 1)[-1].removesuffix(".json")
         if mid in out:
             raise InvalidArgument(f"two cad_json files share the model id {mid!r}: {out[mid]} and {k}")
         out[mid] = k
-    if not out:
-        raise InvalidArgument(f"no .json files under {source}")
     return out
 
 

@@ -48,6 +48,32 @@ def _is_url(s: str) -> bool:
     return "://" in s
 
 
+# Files a published dataset carries beside its models: never cad_json inputs.
+_BOOKKEEPING = {"MANIFEST.json", "metadata.json"}
+
+
+def list_cad_json(location: str | Path) -> tuple[list[str], str | None]:
+    """(sorted cad_json paths or keys, the store URL they are keys in or None) under ``location``.
+
+    The output of `render cad-synth` is a published dataset, so its manifest and metadata are skipped.
+    """
+    loc = str(location)
+    if _is_url(loc):
+        from shared.storage import open_store
+
+        keys = [k for k in open_store(loc).list() if k.endswith(".json")]
+        inputs, source = keys, loc
+    else:
+        root = Path(loc)
+        if not root.is_dir():
+            raise NotFound(f"cad_json input directory {root} does not exist")
+        inputs, source = [str(p) for p in root.rglob("*.json")], None
+    inputs = sorted(k for k in inputs if k.rsplit("/", 1)[-1] not in _BOOKKEEPING and "/_shards/" not in k)
+    if not inputs:
+        raise InvalidArgument(f"no .json files under {loc}")
+    return inputs, source
+
+
 @dataclass
 class CadRenderJob:
     """Render each input cad_json file to ``images/<model_id>_{front,top,right}.png``.
@@ -78,22 +104,9 @@ class CadRenderJob:
 
     @classmethod
     def from_input(cls, location: str | Path, **kwargs) -> "CadRenderJob":
-        """All ``*.json`` files under a local directory or a store URL (``s3://…``, ``file://…``), sorted."""
-        loc = str(location)
-        if _is_url(loc):
-            from shared.storage import open_store
-
-            keys = [k for k in open_store(loc).list() if k.endswith(".json") and not k.endswith("MANIFEST.json")]
-            inputs, source = keys, loc
-        else:
-            root = Path(loc)
-            if not root.is_dir():
-                raise NotFound(f"cad_json input directory {root} does not exist")
-            inputs, source = sorted(str(p) for p in root.rglob("*.json")), None
-        if not inputs:
-            raise InvalidArgument(f"no .json files under {loc}")
-        where = loc if _is_url(loc) else str(Path(loc).resolve())
-        return cls(inputs=inputs, source=source, location=where, **kwargs)
+        """All cad_json files under a local directory or a store URL (``s3://…``, ``file://…``), sorted."""
+        inputs, source = list_cad_json(location)
+        return cls(inputs=inputs, source=source, **kwargs)
 
     @property
     def total(self) -> int:
