@@ -296,13 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest a request waits for others to join its batch")
     parser.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of Linear layers (CPU)")
     parser.add_argument("--threads", type=int, default=default_threads(),
-                        help="torch intra-op threads (default: the CPUs this process may use)")
+                        help="torch intra-op threads (default: the CPUs this process may use, less one)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    # One batch at a time runs per model, so the forward pass may use every core.
+    # One batch at a time runs per model; its threads share the machine with request handling.
     torch.set_num_threads(max(1, args.threads))
     repository = ModelRepository(open_store(args.store), max_batch_size=args.max_batch_size,
                                  max_queue_delay_ms=args.max_queue_delay_ms, quantize=args.quantize)

@@ -1,0 +1,173 @@
+"""Dynamic batching: concurrent requests for one model are merged into one forward pass.
+
+Each model has one worker thread. It takes the oldest queued request, then keeps adding queued requests
+while the batch stays within ``max_batch_size`` samples and the oldest request has waited less than
+``max_queue_delay``; a batch that is already full runs at once. A request may itself carry several
+samples; one of ``max_batch_size`` or more runs as a batch of its own (never split, never merged), right
+on the caller's thread. With ``max_batch_size=1`` requests simply run one after another: the
+no-batching baseline.
+
+Time spent queued and time spent computing are separate Prometheus histograms, next to the batch size.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Callable
+
+import torch
+from prometheus_client import REGISTRY, Counter, Histogram
+
+from shared.errors import Unavailable
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+_TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _Families:
+    """Process-wide metric families (a registry accepts each name once; tests run several servers)."""
+
+    def __init__(self) -> None:
+        self.queue = Histogram("trainyard_inference_queue_seconds",
+                               "Time a request waited in the model's queue before its batch started.",
+                               ["model", "version"], buckets=_TIME_BUCKETS, registry=REGISTRY)
+        self.compute = Histogram("trainyard_inference_compute_seconds",
+                                 "Forward-pass time of one (dynamic) batch.",
+                                 ["model", "version"], buckets=_TIME_BUCKETS, registry=REGISTRY)
+        self.batch_size = Histogram("trainyard_inference_batch_size",
+                                    "Samples per executed batch.",
+                                    ["model", "version"], buckets=_BATCH_BUCKETS, registry=REGISTRY)
+        self.requests = Counter("trainyard_inference_requests",
+                                "ModelInfer requests by model and final status.",
+                                ["model", "version", "status"], registry=REGISTRY)
+
+
+_families: _Families | None = None
+_families_lock = threading.Lock()
+
+
+def families() -> _Families:
+    global _families
+    with _families_lock:
+        if _families is None:
+            _families = _Families()
+        return _families
+
+
+class _Request:
+    __slots__ = ("x", "n", "enqueued", "done", "result", "error")
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.n = x.shape[0]
+        self.enqueued = time.perf_counter()
+        self.done = threading.Event()
+        self.result: torch.Tensor | None = None
+        self.error: BaseException | None = None
+
+
+class DynamicBatcher:
+    """Runs ``run(batch) -> outputs`` (first dimension = samples) on merged concurrent requests."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int,
+                 max_queue_delay_ms: float, model: str, version: str):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self._delay = max_queue_delay_ms / 1000.0
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._run_lock = threading.Lock()
+        fam = families()
+        self._queue_hist = fam.queue.labels(model=model, version=version)
+        self._compute_hist = fam.compute.labels(model=model, version=version)
+        self._batch_hist = fam.batch_size.labels(model=model, version=version)
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{model}-{version}", daemon=True)
+        self._thread.start()
+
+    def submit(self, x: torch.Tensor) -> torch.Tensor:
+        """Queue ``x`` (N samples), block until its batch ran, return its N output rows."""
+        req = _Request(x)
+        if req.n >= self.max_batch_size:
+            # Already a full batch: nothing could join it, so it runs on the caller's thread and skips
+            # two thread hand-offs (they cost most on a busy machine). The run lock keeps one forward
+            # pass per model at a time, as with the worker.
+            if self._closed:
+                raise Unavailable("the model is being unloaded; retry once it is loaded again")
+            self._execute([req])
+            if req.error is not None:
+                raise req.error
+            return req.result
+        with self._cv:
+            if self._closed:
+                raise Unavailable("the model is being unloaded; retry once it is loaded again")
+            self._queue.append(req)
+            self._cv.notify()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def close(self) -> None:
+        """Refuse new requests, finish the queued ones, stop the worker."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _next_batch(self) -> list[_Request] | None:
+        with self._cv:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cv.wait()
+            batch = [self._queue.popleft()]
+            n = batch[0].n
+            deadline = batch[0].enqueued + self._delay
+            while n < self.max_batch_size:
+                if self._queue:
+                    if n + self._queue[0].n > self.max_batch_size:
+                        break
+                    req = self._queue.popleft()
+                    batch.append(req)
+                    n += req.n
+                    continue
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._closed:
+                    break
+                self._cv.wait(remaining)
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._execute(batch)
+            for req in batch:
+                req.done.set()
+
+    def _execute(self, batch: list[_Request]) -> None:
+        with self._run_lock:
+            started = time.perf_counter()
+            for req in batch:
+                self._queue_hist.observe(started - req.enqueued)
+            try:
+                x = batch[0].x if len(batch) == 1 else torch.cat([r.x for r in batch])
+                out = self._run(x)
+                self._compute_hist.observe(time.perf_counter() - started)
+                self._batch_hist.observe(x.shape[0])
+                offset = 0
+                for req in batch:
+                    req.result = out[offset:offset + req.n]
+                    offset += req.n
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+                log.exception("batch failed", extra={"requests": len(batch)})
+                for req in batch:
+                    req.error = exc

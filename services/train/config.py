@@ -1,0 +1,174 @@
+"""The training config: one YAML file per experiment, validated strictly so a typo fails the run early."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.config import load_config, parse_config
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key ("learning_rate" for "lr") is an error, not a silently ignored default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    # A local .safetensors/.pth file with backbone weights (transfer learning); never downloaded.
+    pretrained_path: str | None = None
+
+
+class AugmentConfig(_Strict):
+    crop: int = Field(0, ge=0, description="random-crop padding in pixels; 0 = off")
+    flip: bool = False
+    rotation: float = Field(0.0, ge=0, le=180, description="max rotation in degrees")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation strength")
+    grayscale: float = Field(0.0, ge=0, le=1, description="probability of random grayscale")
+    mixup: float = Field(0.0, ge=0, description="mixup Beta(alpha, alpha); 0 = off")
+    cutmix: float = Field(0.0, ge=0, description="cutmix Beta(alpha, alpha); 0 = off")
+
+    @property
+    def enabled(self) -> bool:
+        return any([self.crop, self.flip, self.rotation, self.color_jitter, self.grayscale,
+                    self.mixup, self.cutmix])
+
+
+class DataConfig(_Strict):
+    kind: Literal["mnist", "cifar10", "imagefolder", "synthetic"]
+    # A local directory, or a store URL/key prefix (file://..., s3://bucket/prefix) fetched to a cache first.
+    path: str | None = None
+    # Stratified training subset of this many samples (e.g. 5000 of CIFAR-10's 50000); None = all.
+    subset: int | None = Field(None, gt=0)
+    subset_seed: int = 0
+    # "test": validate on the dataset's own test/val split; "holdout": carve val_fraction out of train.
+    val_split: Literal["test", "holdout"] = "test"
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    # Resize to this square size (image folders; upsampling 32x32 CIFAR for 224-input backbones).
+    image_size: int | None = Field(None, gt=0)
+    # Per-channel normalisation; None = the dataset's usual constants.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # Only for kind=synthetic: generated class-dependent patterns (benchmarks, smoke tests).
+    num_classes: int = Field(10, ge=2)
+    channels: int = Field(1, ge=1)
+    train_size: int = Field(2048, gt=0)
+    val_size: int = Field(512, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DataConfig":
+        if self.kind != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required for data.kind={self.kind}")
+        return self
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> "OptimizerConfig":
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("optimizer.nesterov needs name=sgd and momentum > 0")
+        return self
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["none", "step", "cosine", "plateau"] = "none"
+    step_size: int = Field(10, gt=0)
+    gamma: float = Field(0.1, gt=0, le=1)
+    # Linear warmup from lr/(warmup_epochs+1) up to lr over the first epochs (any scheduler).
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    # plateau: multiply lr by factor after `patience` epochs without improvement of the monitored metric.
+    patience: int = Field(3, ge=0)
+    factor: float = Field(0.1, gt=0, lt=1)
+    threshold: float = Field(1e-4, ge=0)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+
+
+class LossConfig(_Strict):
+    name: Literal["ce", "focal"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    # "none", "balanced" (inverse class frequency of the training set) or one weight per class.
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+
+
+class EarlyStoppingConfig(_Strict):
+    enabled: bool = False
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class CheckpointConfig(_Strict):
+    every_epoch: bool = True
+    # The metric that decides the `best` checkpoint (and the exported model).
+    keep_best_metric: str = "val_acc"
+    mode: Literal["min", "max"] = "max"
+    keep_last: int = Field(2, ge=1)
+
+
+class ExportConfig(_Strict):
+    enabled: bool = True
+    # Registered model name; None = the experiment name.
+    name: str | None = None
+
+
+class UnfreezeStep(_Strict):
+    epoch: int = Field(ge=0)
+    # Number of backbone stages (from the head backwards) trainable from this epoch on; -1 = all.
+    stages: int = Field(ge=-1)
+
+
+class TrainConfig(_Strict):
+    experiment: str = Field(min_length=1)
+    run_name: str | None = None
+    model: ModelConfig
+    data: DataConfig
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    grad_clip: float | None = Field(None, gt=0)
+    amp: bool = False
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    deterministic: bool = False
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    # Transfer learning: start with the backbone frozen and unfreeze stages on the given epochs.
+    freeze_backbone: bool = False
+    unfreeze: list[UnfreezeStep] = Field(default_factory=list)
+    num_threads: int | None = Field(None, gt=0)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if isinstance(self.loss.class_weights, list) and self.data.kind == "synthetic" \
+                and len(self.loss.class_weights) != self.data.num_classes:
+            raise ValueError("loss.class_weights needs one weight per class")
+        if self.unfreeze and not self.freeze_backbone:
+            raise ValueError("unfreeze steps need freeze_backbone: true")
+        return self
+
+
+def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
+
+
+def parse_train_config(data: dict[str, Any], overrides: Iterable[str] = ()) -> TrainConfig:
+    return parse_config(TrainConfig, data, overrides)

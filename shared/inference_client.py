@@ -1,0 +1,275 @@
+"""Client of the inference service: classify images into top-k labels with confidences.
+
+It speaks the plain Open Inference Protocol v2 (``inference.GRPCInferenceService``), so it works
+against any server that exposes the same inputs/outputs; see ``services/inference/server.py``:
+inputs ``images`` (UINT8 NHWC), ``tensor`` (FP32 NCHW, preprocessed) or ``encoded`` (BYTES, image files);
+outputs ``probabilities`` (FP32) and ``labels`` (BYTES, top-k with the ``top_k`` parameter).
+
+``trainyard predict`` is ``cmd_predict``: image files and folders go out in batches of encoded files,
+so images of different sizes share a request and the server does the decoding and resizing.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from shared import errors
+from shared.grpc_client import channel
+from shared.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from shared.pb import inference_pb2 as pb
+from shared.pb import inference_pb2_grpc
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+_TYPED = {cls.code: cls for cls in (
+    errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition,
+    errors.ResourceExhausted, errors.Unavailable, errors.Cancelled, errors.Unimplemented, errors.IntegrityError,
+)}
+
+
+def _typed_error(exc: grpc.RpcError, address: str) -> errors.TrainyardError:
+    """A gRPC failure as the matching typed error, carrying the server's message."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(f"inference server {address} is unreachable or unavailable: {exc.details()}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.Unavailable(f"inference server {address} did not answer in time: {exc.details()}")
+    err = _TYPED.get(code, errors.TrainyardError)(f"{exc.details()}")
+    if type(err) is errors.TrainyardError:
+        err.code = code
+    return err
+
+
+def _bytes_tensor(items: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def _parse_bytes_tensor(raw: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(raw):
+        (size,) = struct.unpack_from("<I", raw, pos)
+        out.append(raw[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    return out
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image, best first, with their probabilities."""
+
+    source: str
+    top: list[tuple[str, float]]
+    model: str
+    version: str
+
+    @property
+    def label(self) -> str:
+        return self.top[0][0]
+
+    @property
+    def confidence(self) -> float:
+        return self.top[0][1]
+
+
+@dataclass(frozen=True)
+class InferResult:
+    probabilities: np.ndarray  # [N, classes] float32
+    labels: list[list[str]]  # [N][k], best first
+    model: str
+    version: str
+
+
+class InferenceClient:
+    """``with InferenceClient("127.0.0.1:50055") as c: c.classify("mnist", images, top_k=3)``.
+
+    Failures raise the typed errors of ``shared.errors`` (NotFound for an unknown model, ...).
+    """
+
+    def __init__(self, address: str, *, timeout: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.address = address
+        self.timeout = timeout
+        self._channel = channel(address, max_message_bytes)
+        self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "InferenceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _typed_error(exc, self.address) from None
+
+    # ---- server and repository
+
+    def server_live(self) -> bool:
+        return self._call("ServerLive", pb.ServerLiveRequest()).live
+
+    def server_ready(self) -> bool:
+        return self._call("ServerReady", pb.ServerReadyRequest()).ready
+
+    def model_ready(self, model: str, version: str | int | None = None) -> bool:
+        return self._call("ModelReady", pb.ModelReadyRequest(name=model, version=_v(version))).ready
+
+    def model_metadata(self, model: str, version: str | int | None = None) -> pb.ModelMetadataResponse:
+        return self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=_v(version)))
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        resp = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready_only))
+        return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in resp.models]
+
+    def load_model(self, model: str, version: str | int | None = None) -> None:
+        self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=model, parameters=_vparam(version)))
+
+    def unload_model(self, model: str, version: str | int | None = None) -> None:
+        self._call("RepositoryModelUnload",
+                   pb.RepositoryModelUnloadRequest(model_name=model, parameters=_vparam(version)))
+
+    # ---- inference
+
+    def infer(self, model: str, batch: np.ndarray | Sequence[bytes], version: str | int | None = None,
+              top_k: int = 1) -> InferResult:
+        """One ModelInfer call. ``batch``: uint8 [N, H, W, C] images, float32 [N, C, H, W] preprocessed
+        tensors, or a list of encoded image files (bytes)."""
+        req = pb.ModelInferRequest(model_name=model, model_version=_v(version))
+        if isinstance(batch, np.ndarray):
+            if batch.dtype == np.uint8 and batch.ndim == 4:
+                name, datatype = "images", "UINT8"
+            elif batch.dtype == np.float32 and batch.ndim == 4:
+                name, datatype = "tensor", "FP32"
+            else:
+                raise errors.InvalidArgument(f"batch must be uint8 [N, H, W, C] or float32 [N, C, H, W], got "
+                                             f"{batch.dtype} {list(batch.shape)}")
+            req.inputs.add(name=name, datatype=datatype, shape=list(batch.shape))
+            req.raw_input_contents.append(np.ascontiguousarray(batch).tobytes())
+        else:
+            blobs = list(batch)
+            req.inputs.add(name="encoded", datatype="BYTES", shape=[len(blobs)])
+            req.raw_input_contents.append(_bytes_tensor(blobs))
+        req.outputs.add(name="probabilities")
+        labels = req.outputs.add(name="labels")
+        labels.parameters["top_k"].int64_param = max(1, int(top_k))
+        resp = self._call("ModelInfer", req)
+        out = {o.name: (o, raw) for o, raw in zip(resp.outputs, resp.raw_output_contents)}
+        if set(out) != {"probabilities", "labels"}:
+            raise errors.FailedPrecondition(f"server answered outputs {sorted(out)}, expected probabilities, labels")
+        p_meta, p_raw = out["probabilities"]
+        probs = np.frombuffer(p_raw, dtype="<f4").reshape(list(p_meta.shape))
+        l_meta, l_raw = out["labels"]
+        names = [b.decode() for b in _parse_bytes_tensor(l_raw)]
+        k = int(l_meta.shape[1]) if len(l_meta.shape) == 2 else 1
+        return InferResult(probs, [names[i:i + k] for i in range(0, len(names), k)], resp.model_name,
+                           resp.model_version)
+
+    def classify(self, model: str, images: Iterable, version: str | int | None = None, top_k: int = 5,
+                 batch_size: int = 32, sources: Sequence[str] | None = None) -> list[Prediction]:
+        """Top-k (label, confidence) for each image, sent ``batch_size`` images per request.
+
+        An image is a uint8 array (H, W) or (H, W, C), a PIL image, encoded file bytes, or a file path.
+        Encoded images and arrays of different sizes may be mixed; each request carries one kind.
+        """
+        if batch_size < 1:
+            raise errors.InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
+        items = [_as_item(img) for img in images]
+        if not items:
+            raise errors.InvalidArgument("no images to classify")
+        names = list(sources) if sources is not None else [str(i) for i in range(len(items))]
+        results: list[Prediction | None] = [None] * len(items)
+        for start in range(0, len(items), batch_size):
+            chunk = range(start, min(start + batch_size, len(items)))
+            # One request per kind/shape within the chunk: a UINT8 tensor needs one image size.
+            groups: dict[object, list[int]] = {}
+            for i in chunk:
+                item = items[i]
+                groups.setdefault("encoded" if isinstance(item, bytes) else item.shape, []).append(i)
+            for key, idx in groups.items():
+                batch = [items[i] for i in idx] if key == "encoded" else np.stack([items[i] for i in idx])
+                res = self.infer(model, batch, version=version, top_k=top_k)
+                # Labels come sorted by probability; so are the confidences, rank for rank.
+                confidences = -np.sort(-res.probabilities, axis=1)
+                for row, i in enumerate(idx):
+                    top = [(lab, float(confidences[row, r])) for r, lab in enumerate(res.labels[row])]
+                    results[i] = Prediction(names[i], top, res.model, res.version)
+        return results
+
+    def classify_files(self, model: str, paths: Iterable[str | Path], version: str | int | None = None,
+                       top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+        """Files and folders (their images, sorted, not recursive) -> one Prediction per image file."""
+        files = expand_image_paths(paths)
+        return self.classify(model, files, version=version, top_k=top_k, batch_size=batch_size,
+                             sources=[str(f) for f in files])
+
+
+def _v(version: str | int | None) -> str:
+    return "" if version is None else str(version)
+
+
+def _vparam(version: str | int | None) -> dict:
+    return {} if version is None else {"version": pb.ModelRepositoryParameter(string_param=str(version))}
+
+
+def _as_item(img) -> bytes | np.ndarray:
+    """An image as encoded bytes or an (H, W, C) uint8 array."""
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        return bytes(img)
+    if isinstance(img, (str, Path)):
+        path = Path(img)
+        if not path.is_file():
+            raise errors.NotFound(f"image file {path} does not exist")
+        return path.read_bytes()
+    if hasattr(img, "convert") and hasattr(img, "mode"):  # a PIL image
+        img = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "F", "I;16") else "RGB"))
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or img.ndim not in (2, 3):
+            raise errors.InvalidArgument(f"an image array must be uint8 (H, W) or (H, W, C), got {img.dtype} "
+                                         f"{list(img.shape)}")
+        return img[:, :, None] if img.ndim == 2 else img
+    raise errors.InvalidArgument(f"cannot send {type(img).__name__} as an image: pass an array, PIL image, "
+                                 "bytes or a path")
+
+
+def expand_image_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Image files as given, and the image files directly inside given folders (sorted)."""
+    paths = [Path(p) for p in paths]
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise errors.NotFound(f"{p} is neither an image file nor a folder")
+    if not out:
+        raise errors.InvalidArgument(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    return out
+
+
+def format_predictions(predictions: Sequence[Prediction]) -> str:
+    """One line per image: the source, then each label with its confidence, best first."""
+    if not predictions:
+        return ""
+    head = f"model {predictions[0].model} version {predictions[0].version}: {len(predictions)} image(s)"
+    width = max(len(p.source) for p in predictions)
+    lines = [head]
+    for p in predictions:
+        lines.append(f"{p.source:<{width}}  " + "  ".join(f"{label} {conf:.4f}" for label, conf in p.top))
+    return "\n".join(lines)
+
+
+def cmd_predict(server: str, model: str, version: str | int | None, paths: Sequence[str], top_k: int = 5,
+                batch_size: int = 32) -> str:
+    """`trainyard predict --server ADDR --model NAME [--version V] IMAGE|FOLDER...` -> printable text."""
+    with InferenceClient(server) as client:
+        return format_predictions(client.classify_files(model, paths, version=version, top_k=top_k,
+                                                        batch_size=batch_size))
