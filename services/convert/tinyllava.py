@@ -14,16 +14,15 @@ dataset_info.json and tinyllava_metadata.json, published with a manifest written
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
-import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.parallel import pool_context
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
 from shared.storage.manifest import now_iso
@@ -171,8 +170,7 @@ def _describe_all(items: list[tuple[str, str]], source: str, workers: int) -> li
     if workers <= 1 or len(items) < MIN_POOL_ITEMS:
         _init_describe(source)
         return [_describe_one(it) for it in items]
-    method = "spawn" if "torch" in sys.modules else "fork"
-    with multiprocessing.get_context(method).Pool(workers, initializer=_init_describe, initargs=(source,)) as pool:
+    with pool_context().Pool(workers, initializer=_init_describe, initargs=(source,)) as pool:
         return pool.map(_describe_one, items, chunksize=max(16, len(items) // (workers * 8)))
 
 

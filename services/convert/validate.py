@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from shared.parallel import pool_context
 from shared.errors import IntegrityError, NotFound
 from shared.storage.manifest import MANIFEST_NAME, Manifest, hash_bytes
 
@@ -128,8 +127,7 @@ def _check_images(folder: str, names: list[str], size: tuple[int, int], decode: 
     if workers <= 1 or len(tasks) < MIN_POOL_IMAGES:
         results = [_check_image(t) for t in tasks]
     else:
-        method = "spawn" if "torch" in sys.modules else "fork"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
+        with pool_context().Pool(workers) as pool:
             results = pool.map(_check_image, tasks, chunksize=64)
     return [r for r in results if r]
 

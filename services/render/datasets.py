@@ -7,12 +7,11 @@ store formed by the rest (``/data/digits`` → store ``file:///data``, prefix ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from services.render.jobs import create_job, run_job
 from shared.errors import InvalidArgument
-from shared.storage import MANIFEST_NAME, Manifest, open_location
+from shared.storage import Manifest, open_location
 
 KINDS = ("cad", "cad-synth", "trajectories", "logos", "digits")
 ProgressFn = Callable[[int, int, dict], None]
@@ -31,23 +30,6 @@ class RenderSpec:
     options: dict[str, Any] | None = None
 
 
-def cad_input(location: str) -> str:
-    """Where the models of a cad render's ``input`` are: a published cad-synth dataset keeps them under
-    ``json/``, beside its MANIFEST.json and metadata.json, which are no models."""
-    if "://" not in location or location.startswith("file://"):
-        # Checked on disk first: opening a local location creates its parent folder.
-        if not (Path(location.removeprefix("file://")) / MANIFEST_NAME).is_file():
-            return location
-    try:
-        store, prefix = open_location(location)
-        published = store.is_published(prefix)
-    except InvalidArgument:  # a bucket root (s3://bucket) is a folder of models, never a dataset
-        return location
-    if published and store.read_manifest(prefix).meta.get("kind") == "cad-synth":
-        return f"{location.rstrip('/')}/json"
-    return location
-
-
 def build_job(spec: RenderSpec):
     opts = {k: v for k, v in (spec.options or {}).items() if v not in (None, 0, "")}
     if spec.count < 0:
@@ -57,7 +39,7 @@ def build_job(spec: RenderSpec):
 
         if not opts.get("input"):
             raise InvalidArgument("render cad needs --input: a folder (or store URL) of DeepCAD JSON files")
-        return CadRenderJob.from_input(cad_input(opts["input"]), size=int(opts.get("image_size") or 512))
+        return CadRenderJob.from_input(opts["input"], size=int(opts.get("image_size") or 512))
     count = spec.count
     if spec.kind == "cad-synth":
         from services.render.cad.jobs import CadSynthJob

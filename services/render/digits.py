@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import center_of_mass, map_coordinates
 
 from services.render.logos import load_font, system_fonts
-from services.render.shards import ProgressFn, pool_context
+from services.render.shards import ProgressFn
+from shared.parallel import pool_context
 from shared.errors import AlreadyExists, InvalidArgument
 from shared.logs import get_logger
 from shared.storage import ArtifactStore, Manifest

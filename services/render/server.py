@@ -68,7 +68,8 @@ class RenderServiceServicer(render_pb2_grpc.RenderServiceServicer):
         meta = manifest.meta or {}
         return render_pb2.DatasetInfo(
             location=request.location, kind=str(meta.get("kind", "")), items=int(meta.get("total", 0) or 0),
-            files=len(manifest.files), bytes=manifest.total_size, generator_version=str(meta.get("generator_version", "")),
+            files=len(manifest.files), bytes=manifest.total_size,
+            generator_version=str(meta.get("generator_version", "")),
             seed=int(meta.get("seed", 0) or 0), meta_json=json.dumps(meta, default=str))
 
 

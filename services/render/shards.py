@@ -24,11 +24,11 @@ import errno
 import json
 import multiprocessing
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from shared.parallel import pool_context
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from shared.logs import get_logger
 from shared.storage.base import ArtifactStore
@@ -142,13 +142,6 @@ def _render(job, task: tuple[int, int, int]) -> dict[str, Any]:
 
 def _render_in_worker(task: tuple[int, int, int]) -> dict[str, Any]:
     return _render(_worker_job, task)
-
-
-def pool_context() -> multiprocessing.context.BaseContext:
-    # fork is fastest and fine for torch-free jobs; once torch is loaded (its thread pools do not
-    # survive fork) spawn is the safe choice.
-    method = "spawn" if "torch" in sys.modules or sys.platform != "linux" else "fork"
-    return multiprocessing.get_context(method)
 
 
 # ---- main side ----

@@ -58,7 +58,14 @@ class Hardware(_message.Message):
     def __init__(self, cpu: _Optional[str] = ..., threads: _Optional[int] = ..., torch_version: _Optional[str] = ..., gpu: _Optional[str] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class ModelBenchmark(_message.Message):
-    __slots__ = ("model", "input_shape", "params_total", "params_trainable", "gmacs", "gflops", "flops_error", "counted_ops", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "threads", "throughput", "peak_memory_mb", "peak_memory_method", "size_fp32_mb", "size_int8_mb", "int8_latency_p50_ms", "accuracy_fp32", "accuracy_int8", "hardware", "device", "mlflow_run_id", "error")
+    __slots__ = ("model", "input_shape", "params_total", "params_trainable", "gmacs", "gflops", "flops_error", "counted_ops", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "threads", "throughput", "peak_memory_mb", "peak_memory_method", "size_fp32_mb", "size_int8_mb", "int8_latency_p50_ms", "accuracy_fp32", "accuracy_int8", "hardware", "device", "mlflow_run_id", "error", "stage_errors", "notes")
+    class StageErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +90,8 @@ class ModelBenchmark(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MLFLOW_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     params_total: int
@@ -107,7 +116,9 @@ class ModelBenchmark(_message.Message):
     device: str
     mlflow_run_id: str
     error: str
-    def __init__(self, model: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., params_total: _Optional[int] = ..., params_trainable: _Optional[int] = ..., gmacs: _Optional[float] = ..., gflops: _Optional[float] = ..., flops_error: _Optional[str] = ..., counted_ops: _Optional[_Iterable[str]] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., threads: _Optional[int] = ..., throughput: _Optional[_Iterable[_Union[Throughput, _Mapping]]] = ..., peak_memory_mb: _Optional[float] = ..., peak_memory_method: _Optional[str] = ..., size_fp32_mb: _Optional[float] = ..., size_int8_mb: _Optional[float] = ..., int8_latency_p50_ms: _Optional[float] = ..., accuracy_fp32: _Optional[float] = ..., accuracy_int8: _Optional[float] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., device: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    stage_errors: _containers.ScalarMap[str, str]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., params_total: _Optional[int] = ..., params_trainable: _Optional[int] = ..., gmacs: _Optional[float] = ..., gflops: _Optional[float] = ..., flops_error: _Optional[str] = ..., counted_ops: _Optional[_Iterable[str]] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., threads: _Optional[int] = ..., throughput: _Optional[_Iterable[_Union[Throughput, _Mapping]]] = ..., peak_memory_mb: _Optional[float] = ..., peak_memory_method: _Optional[str] = ..., size_fp32_mb: _Optional[float] = ..., size_int8_mb: _Optional[float] = ..., int8_latency_p50_ms: _Optional[float] = ..., accuracy_fp32: _Optional[float] = ..., accuracy_int8: _Optional[float] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., device: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., error: _Optional[str] = ..., stage_errors: _Optional[_Mapping[str, str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BenchmarkEvent(_message.Message):
     __slots__ = ("progress", "result")

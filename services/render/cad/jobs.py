@@ -106,7 +106,7 @@ class CadRenderJob:
     def from_input(cls, location: str | Path, **kwargs) -> "CadRenderJob":
         """All cad_json files under a local directory or a store URL (``s3://…``, ``file://…``), sorted."""
         inputs, source = list_cad_json(location)
-        return cls(inputs=inputs, source=source, **kwargs)
+        return cls(inputs=inputs, source=source, location=str(location), **kwargs)
 
     @property
     def total(self) -> int:

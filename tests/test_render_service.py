@@ -1,0 +1,255 @@
+"""RenderService over real gRPC: every dataset kind streams monotonic progress and publishes a dataset
+whose manifest DescribeDataset reports; bad requests get the right status and a clear message; a CAD
+model that does not rebuild is reported while the others render; one render goes to a real S3 store."""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+
+from shared.grpc_client import channel, health_status
+from shared.grpc_server import start
+from shared.pb import render_pb2, render_pb2_grpc
+from shared.storage import open_location
+from services.render.server import RenderServiceServicer
+
+# Small sets: the service layer is under test, the generators have their own unit tests.
+SYNTH_COUNT = 8
+CAD_SIZE = 64
+LOGO_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def server():
+    def register(srv):
+        render_pb2_grpc.add_RenderServiceServicer_to_server(RenderServiceServicer(default_workers=1), srv)
+        return [render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name]
+
+    host = start("render", register, port=0)
+    address = f"127.0.0.1:{host.port}"
+    with channel(address) as ch:
+        yield address, render_pb2_grpc.RenderServiceStub(ch)
+    host.stop(grace=5)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    return server[1]
+
+
+def render(stub, **fields) -> list:
+    return list(stub.Render(render_pb2.RenderRequest(**fields), timeout=120))
+
+
+# kind -> (request fields given the output folder, items the dataset must hold)
+def _requests(root: Path) -> dict[str, tuple[dict, int]]:
+    return {
+        "cad-synth": (dict(count=SYNTH_COUNT, seed=3, cad_synth=render_pb2.CadSynth()), SYNTH_COUNT),
+        # cad renders cad-synth's published output, as `trainyard render cad --input <dataset>` does.
+        "cad": (dict(cad=render_pb2.CadRender(input=str(root / "cad-synth"), image_size=CAD_SIZE)), SYNTH_COUNT),
+        "trajectories": (dict(count=8, seed=1, trajectories=render_pb2.TrajectoryRender(shard_size=4)), 8),
+        # count = training images (2 per class); val_per_class 1 -> 4 classes x 3
+        "logos": (dict(count=8, seed=2, logos=render_pb2.LogoRender(image_size=LOGO_SIZE, val_per_class=1)), 12),
+        "digits": (dict(count=40, seed=4, digits=render_pb2.DigitRender(test_count=8)), 48),
+    }
+
+
+@pytest.fixture(scope="module")
+def rendered(stub, tmp_path_factory) -> dict[str, tuple[str, int, list]]:
+    """kind -> (location, expected items, the Progress stream), each rendered once over gRPC, in order."""
+    root = tmp_path_factory.mktemp("rendered")
+    out = {}
+    for kind, (fields, items) in _requests(root).items():
+        location = str(root / kind)
+        out[kind] = (location, items, render(stub, out=location, **fields))
+    return out
+
+
+KINDS = ["cad-synth", "cad", "trajectories", "logos", "digits"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_progress_is_monotonic_and_ends_with_the_published_dataset(rendered, kind):
+    location, items, stream = rendered[kind]
+    assert len(stream) >= 2
+    assert len({p.job_id for p in stream}) == 1 and stream[0].job_id
+    assert [p.state for p in stream[:-1]] == ["running"] * (len(stream) - 1)
+    for before, after in itertools.pairwise(stream):
+        assert after.done >= before.done, [(p.done, p.total) for p in stream]
+        assert after.total >= before.total
+        assert after.elapsed_seconds >= before.elapsed_seconds
+    assert all(p.done <= p.total for p in stream if p.total)
+    last = stream[-1]
+    assert last.state == "succeeded" and last.stage == "publish"
+    assert (last.done, last.total, last.failed) == (items, items, 0), list(last.failures)
+    assert dict(last.outputs) == {"dataset": location}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_describe_dataset_reports_the_manifest(stub, rendered, kind):
+    location, items, _ = rendered[kind]
+    store, prefix = open_location(location)
+    manifest = store.read_manifest(prefix)
+    for rel in manifest.files:  # every published file is there with its recorded digest
+        store.get_verified(prefix, rel)
+    assert not store.exists(f"{prefix}/_shards/run.json")
+
+    info = stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=location))
+    assert info.location == location
+    assert info.kind == kind
+    assert info.items == items == manifest.meta["total"]
+    assert info.files == len(manifest.files)
+    assert info.bytes == manifest.total_size > 0
+    assert info.generator_version == str(manifest.meta["generator_version"])
+    assert info.seed == manifest.meta["seed"]
+    assert json.loads(info.meta_json) == json.loads(json.dumps(manifest.meta, default=str))
+
+
+def _png_size(store, prefix, rel) -> tuple[int, int]:
+    return Image.open(io.BytesIO(store.get_verified(prefix, rel))).size
+
+
+def test_request_options_reach_the_generators(rendered):
+    """The kind-specific fields of RenderRequest (image sizes, shard size, test split) take effect."""
+    store, prefix = open_location(rendered["cad"][0])
+    files = store.read_manifest(prefix).files
+    images = sorted(f for f in files if f.startswith("images/"))
+    assert len(images) == 3 * SYNTH_COUNT  # front, top, right per model; no MANIFEST/metadata "models"
+    assert {f.rsplit("_", 1)[1] for f in images} == {"front.png", "top.png", "right.png"}
+    assert _png_size(store, prefix, images[0]) == (CAD_SIZE, CAD_SIZE)
+
+    store, prefix = open_location(rendered["logos"][0])
+    meta = store.read_manifest(prefix).meta
+    assert meta["splits"] == {"train": dict.fromkeys(meta["config"]["classes"], 2),
+                              "val": dict.fromkeys(meta["config"]["classes"], 1)}
+    png = next(f for f in store.read_manifest(prefix).files if f.endswith(".png"))
+    assert _png_size(store, prefix, png) == (LOGO_SIZE, LOGO_SIZE)
+
+    store, prefix = open_location(rendered["trajectories"][0])
+    meta = store.read_manifest(prefix).meta
+    assert (meta["shard_size"], meta["num_shards"], meta["num_samples"]) == (4, 2, 8)
+
+    store, prefix = open_location(rendered["digits"][0])
+    meta = store.read_manifest(prefix).meta
+    assert [sum(meta["class_counts"]["train"]), sum(meta["class_counts"]["test"])] == [40, 8]
+
+
+def _break_a_loop(model: dict) -> dict | None:
+    """A well-formed copy of ``model`` whose first polyline loop does not close: it parses, but cannot
+    rebuild. None when the model has no loop made of lines (a lone circle always closes)."""
+    broken = json.loads(json.dumps(model))
+    for entity in broken["entities"].values():
+        for profile in entity.get("profiles", {}).values():
+            for loop in profile["loops"]:
+                first = loop["profile_curves"][0]
+                if first["type"] == "Line3D":
+                    first["start_point"]["x"] += 0.25
+                    return broken
+    return None
+
+
+def test_model_that_fails_to_rebuild_is_reported_while_the_others_render(stub, rendered, tmp_path):
+    synth = Path(rendered["cad-synth"][0]) / "json"
+    models = tmp_path / "models"
+    models.mkdir()
+    sources = sorted(synth.glob("*.json"))
+    for src in sources[:3]:
+        shutil.copy(src, models / src.name)
+    broken = next(b for b in (_break_a_loop(json.loads(p.read_text())) for p in sources) if b)
+    (models / "broken.json").write_text(json.dumps(broken))
+
+    out = str(tmp_path / "cad")
+    stream = render(stub, out=out, cad=render_pb2.CadRender(input=str(models), image_size=CAD_SIZE))
+    last = stream[-1]
+    assert last.state == "succeeded"
+    assert (last.done, last.total, last.failed) == (4, 4, 1)
+    assert [f.item for f in last.failures] == ["broken"]
+    assert "loop is not closed" in last.failures[0].reason
+
+    store, prefix = open_location(out)
+    manifest = store.read_manifest(prefix)
+    images = {f for f in manifest.files if f.startswith("images/")}
+    assert len(images) == 9 and not any("broken" in f for f in images)
+    assert manifest.meta["failed"] == 1 and manifest.meta["rendered"] == 3
+    info = stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=out))
+    assert json.loads(info.meta_json)["failures"][0]["model_id"] == "broken"
+
+
+def _bad_requests(rendered, tmp: Path):
+    return {
+        "no kind": (dict(out=str(tmp / "x"), count=4), grpc.StatusCode.INVALID_ARGUMENT, "needs a kind"),
+        "no out": (dict(logos=render_pb2.LogoRender()), grpc.StatusCode.INVALID_ARGUMENT, "out is empty"),
+        "cad input missing": (dict(out=str(tmp / "cad"), cad=render_pb2.CadRender(input=str(tmp / "nope"))),
+                              grpc.StatusCode.NOT_FOUND, "does not exist"),
+        "cad without input": (dict(out=str(tmp / "cad"), cad=render_pb2.CadRender()),
+                              grpc.StatusCode.INVALID_ARGUMENT, "needs --input"),
+        "logos twice": (dict(out=rendered["logos"][0], count=8, seed=2,
+                             logos=render_pb2.LogoRender(image_size=LOGO_SIZE, val_per_class=1)),
+                        grpc.StatusCode.ALREADY_EXISTS, "already published"),
+        "digits twice": (dict(out=rendered["digits"][0], count=40, digits=render_pb2.DigitRender(test_count=8)),
+                         grpc.StatusCode.ALREADY_EXISTS, "already published"),
+        "bucket root": (dict(out="s3://bucket", count=8, logos=render_pb2.LogoRender()),
+                        grpc.StatusCode.INVALID_ARGUMENT, "name a folder inside the bucket"),
+        "negative count": (dict(out=str(tmp / "d"), count=-1, digits=render_pb2.DigitRender()),
+                           grpc.StatusCode.INVALID_ARGUMENT, "count must be >= 0"),
+    }
+
+
+BAD = ["no kind", "no out", "cad input missing", "cad without input", "logos twice", "digits twice",
+       "bucket root", "negative count"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_request_gets_its_status_and_the_server_keeps_serving(server, rendered, tmp_path, case):
+    address, stub = server
+    fields, code, text = _bad_requests(rendered, tmp_path)[case]
+    def manifests() -> dict[str, bytes]:
+        out = {}
+        for kind in ("logos", "digits"):
+            store, prefix = open_location(rendered[kind][0])
+            out[kind] = store.read_manifest(prefix).to_json()
+        return out
+
+    before = manifests()
+    with pytest.raises(grpc.RpcError) as err:
+        render(stub, **fields)
+    assert err.value.code() == code, err.value.details()
+    assert text in err.value.details()
+    assert manifests() == before  # a refused render leaves the published datasets as they were
+    assert not (tmp_path / "nope").exists()
+    assert health_status(address) == "SERVING"
+    location = rendered["logos"][0]
+    assert stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=location)).items == 12
+
+
+def test_describe_of_an_unpublished_location_is_not_found(stub, tmp_path):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=str(tmp_path / "missing")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "not published" in err.value.details()
+
+
+def test_render_to_s3_publishes_a_verified_dataset(stub, s3_store_url):
+    location = f"{s3_store_url}/logos"
+    stream = render(stub, out=location, count=8, seed=5,
+                    logos=render_pb2.LogoRender(image_size=LOGO_SIZE, val_per_class=1))
+    assert stream[-1].state == "succeeded" and stream[-1].outputs["dataset"] == location
+
+    store, prefix = open_location(location)
+    assert store.url.startswith("s3://")
+    manifest = store.read_manifest(prefix)
+    pngs = sorted(f for f in manifest.files if f.endswith(".png"))
+    assert len(pngs) == 12
+    for rel in pngs:
+        assert Image.open(io.BytesIO(store.get_verified(prefix, rel))).size == (LOGO_SIZE, LOGO_SIZE)
+    # Shard records are gone once the manifest is written; the keys are exactly the manifest + its files.
+    assert sorted(store.list(prefix)) == sorted([f"{prefix}/{rel}" for rel in manifest.files] +
+                                                [f"{prefix}/MANIFEST.json"])
+    info = stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=location))
+    assert (info.kind, info.items, info.files) == ("logos", 12, len(manifest.files))
