@@ -93,7 +93,6 @@ def tensor_request(model: str, x: np.ndarray, name: str, datatype: str) -> pb.Mo
 
 
 def timed_loop(fn, min_seconds: float, min_iters: int) -> tuple[int, float]:
-    fn()  # warm-up
     iters, start = 0, time.perf_counter()
     while iters < min_iters or time.perf_counter() - start < min_seconds:
         fn()
@@ -101,7 +100,17 @@ def timed_loop(fn, min_seconds: float, min_iters: int) -> tuple[int, float]:
     return iters, time.perf_counter() - start
 
 
-def overhead(store, store_url: str, name: str, threads: int, batch: int, min_seconds: float, log: Path) -> float:
+def on_worker_thread(fn):
+    """Run ``fn()`` on a fresh thread (as the server runs its forward passes) and return its result."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn()))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
+def overhead(store, store_url: str, name: str, threads: int, batch: int, min_seconds: float, rounds: int,
+             log: Path) -> float:
     model, card = load_exported(store, name)
     c, h, w = card["input_size"]
     x = torch.randn(batch, c, h, w)
@@ -110,29 +119,29 @@ def overhead(store, store_url: str, name: str, threads: int, batch: int, min_sec
         with torch.inference_mode():
             torch.softmax(model(x), dim=1)
 
-    def in_worker_thread() -> tuple[int, float]:
-        out: list[tuple[int, float]] = []
-        worker = threading.Thread(target=lambda: out.append(timed_loop(in_process, min_seconds, 3)))
-        worker.start()
-        worker.join()
-        return out[0]
+    def local_loop() -> tuple[int, float]:
+        return timed_loop(in_process, min_seconds, 2)
 
-    # Alternate the measurements so background load on a shared machine hits all alike. The in-process
-    # baseline is the best of the main thread and a worker thread (where the server runs its forward
-    # passes): under CPU contention OpenMP runs very differently on the two.
+    # With several threads the baseline is the best of the main thread and a worker thread (where the
+    # server runs its forward passes): under CPU contention OpenMP behaves very differently on the two.
+    local_modes = [local_loop] + ([lambda: on_worker_thread(local_loop)] if threads > 1 else [])
     local_rates, grpc_rates = [], []
     with Server(store_url, name, threads, batch, 0.0, log) as server, channel(server.address) as ch:
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
         req = tensor_request(name, x.numpy(), "tensor", "FP32")
-        for _ in range(3):
-            for n, t in (timed_loop(in_process, min_seconds, 3), in_worker_thread()):
+        in_process()  # warm-ups: allocator, oneDNN kernel choice
+        stub.ModelInfer(req, timeout=600)
+        # Alternate the measurements so background load on a shared machine hits both alike.
+        for _ in range(rounds):
+            for mode in local_modes:
+                n, t = mode()
                 local_rates.append(batch * n / t)
-            n, t = timed_loop(lambda: stub.ModelInfer(req, timeout=600), min_seconds, 3)
+            n, t = timed_loop(lambda: stub.ModelInfer(req, timeout=600), min_seconds, 2)
             grpc_rates.append(batch * n / t)
     local, remote = max(local_rates), max(grpc_rates)
     ratio = remote / local
     print(f"  {name:<18} {c}x{h}x{w} batch {batch}: in-process {local:9.1f} img/s   gRPC {remote:9.1f} img/s   "
-          f"ratio {ratio:.1%}")
+          f"ratio {ratio:.1%}  (best of {rounds} alternating rounds)")
     return ratio
 
 
@@ -185,13 +194,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="torch threads, in-process and in the server (default: the server's default)")
     parser.add_argument("--overhead-models", default="mnist_ultralight,resnet50")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating in-process/gRPC rounds")
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum timing per overhead measurement")
-    parser.add_argument("--batching-model", default="resnet50", help="architecture of the batching runs")
+    parser.add_argument("--batching-model", default="mobilenetv3_large_100", help="architecture of the batching runs")
     parser.add_argument("--batching-size", type=int, default=64, help="its input side in pixels")
     parser.add_argument("--window", type=float, default=10.0, help="seconds per batching run")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of the load run")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--delay-ms", type=float, default=20.0, help="the batching server's max queue delay")
+    parser.add_argument("--delay-ms", type=float, default=50.0, help="the batching server's max queue delay")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
@@ -209,7 +219,7 @@ def main() -> int:
                 shapes = {"mnist_ultralight": (1, 28), "resnet50": (3, 224)}
                 for name in args.overhead_models.split(","):
                     publish(store, name, name, *shapes[name])
-                    ratio = overhead(store, store_url, name, args.threads, 64, args.seconds, log)
+                    ratio = overhead(store, store_url, name, args.threads, 64, args.seconds, args.rounds, log)
                     if ratio < 0.85:
                         failures.append(f"{name} gRPC/in-process {ratio:.1%} < 85%")
 
@@ -235,7 +245,8 @@ def main() -> int:
                     if speedup < 3:
                         failures.append(f"dynamic batching speed-up {speedup:.2f}x < 3x")
                     if single["errors"] or batched["errors"]:
-                        failures.append(f"errors in the batching runs: {single['first_error'] or batched['first_error']}")
+                        first = single["first_error"] or batched["first_error"]
+                        failures.append(f"errors in the batching runs: {first}")
                 if "load" in sections:
                     print(f"\n[3] load: {args.clients} clients for {args.duration:.0f} s with dynamic batching "
                           "(target: zero errors)")

@@ -161,7 +161,7 @@ class InferenceClient:
         labels = req.outputs.add(name="labels")
         labels.parameters["top_k"].int64_param = max(1, int(top_k))
         resp = self._call("ModelInfer", req)
-        out = {o.name: (o, raw) for o, raw in zip(resp.outputs, resp.raw_output_contents)}
+        out = {o.name: (o, raw) for o, raw in zip(resp.outputs, resp.raw_output_contents, strict=True)}
         if set(out) != {"probabilities", "labels"}:
             raise errors.FailedPrecondition(f"server answered outputs {sorted(out)}, expected probabilities, labels")
         p_meta, p_raw = out["probabilities"]

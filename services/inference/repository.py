@@ -53,7 +53,9 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
     """Dynamic int8 quantization of the Linear layers (CPU). Convolutions have no dynamic int8 kernel in
     torch and stay fp32."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization announces its move
+        # torch.ao.quantization announces its move to torchao; the kernels work as before.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         from torch.ao.quantization import quantize_dynamic
 
         return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
