@@ -251,6 +251,14 @@ def _cmd_bench(args) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
+def _cmd_predict(args) -> int:
+    from shared.inference_client import cmd_predict
+
+    print(cmd_predict(args.server, args.model, args.version, args.images, top_k=args.top_k,
+                      batch_size=args.batch_size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainyard", description="experiment platform for small vision models")
     parser.add_argument("--log-level", default="WARNING")
@@ -335,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the Markdown table here, with .csv and .png beside it")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("predict", help="classify images with a served model (Open Inference Protocol)")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--server", default=os.environ.get("TRAINYARD_INFERENCE_SERVER", "127.0.0.1:50055"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", help="default: the newest loaded version")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32, help="images per request")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("runs", help="list, show, watch or cancel training runs")
     p.add_argument("action", choices=["list", "show", "watch", "cancel"])
