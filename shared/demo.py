@@ -3,7 +3,7 @@
 1. services  — all five start locally and report their health;
 2. datasets  — synthetic CAD models rendered to views and converted to TinyLLaVA (validated),
                trajectory videos, logos and MNIST-format digits, rendered through RenderService;
-3. training  — the three MNIST setups train for a few epochs on the digits through TrainService,
+3. training  — the three MNIST setups train for a few epochs on a 2,000-digit subset through TrainService,
                as three runs of one MLflow experiment, compared in a table;
 4. serving   — the best model is served by the inference service and classifies test digits
                through the gRPC client; the three MNIST models are benchmarked.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def stage_datasets(state: dict, data: Path) -> dict[str, str]:
                                                  "digits")}
     workers = os.cpu_count() or 1
     jobs = [
-        ("cad-synth", render_pb2.RenderRequest(out=out["cad_json"], count=300, seed=1, workers=workers,
+        ("cad-synth", render_pb2.RenderRequest(out=out["cad_json"], count=200, seed=1, workers=workers,
                                                cad_synth=render_pb2.CadSynth())),
         ("cad views", render_pb2.RenderRequest(out=out["cad_views"], workers=workers,
                                                cad=render_pb2.CadRender(input=out["cad_json"]))),
@@ -70,8 +71,8 @@ def stage_datasets(state: dict, data: Path) -> dict[str, str]:
                                                   trajectories=render_pb2.TrajectoryRender())),
         ("logos", render_pb2.RenderRequest(out=out["logos"], count=400, seed=3, workers=workers,
                                            logos=render_pb2.LogoRender(image_size=128))),
-        ("digits", render_pb2.RenderRequest(out=out["digits"], count=8000, seed=4, workers=workers,
-                                            digits=render_pb2.DigitRender(test_count=2000))),
+        ("digits", render_pb2.RenderRequest(out=out["digits"], count=6000, seed=4, workers=workers,
+                                            digits=render_pb2.DigitRender(test_count=1000))),
     ]
     for label, request in jobs:
         last = _render(render, request, label)
@@ -96,7 +97,7 @@ def stage_datasets(state: dict, data: Path) -> dict[str, str]:
     return out
 
 
-def stage_training(state: dict, digits: str, epochs: int = 3) -> list:
+def stage_training(state: dict, digits: str, epochs: int = 3, subset: int = 2000) -> list:
     from tqdm import tqdm
 
     from shared.grpc_client import channel
@@ -108,8 +109,8 @@ def stage_training(state: dict, digits: str, epochs: int = 3) -> list:
     for name in MNIST_SETUPS:
         config = (REPO / "configs" / f"{name}.yaml").read_text()
         run = stub.SubmitRun(train_pb2.SubmitRunRequest(
-            config_yaml=config, overrides=[f"data.path={digits}", f"epochs={epochs}", "experiment=demo-mnist",
-                                           f"run_name={name}"]))
+            config_yaml=config, overrides=[f"data.path={digits}", f"epochs={epochs}", f"data.subset={subset}",
+                                           "experiment=demo-mnist", f"run_name={name}"]))
         print(f"  submitted {run.run_id} ({name})")
         runs.append(run.run_id)
     finished = []
@@ -145,6 +146,46 @@ def print_comparison(runs) -> None:
               f"{metrics.get('samples_per_second', float('nan')):>10.0f}  {run.mlflow_run_id}")
 
 
+def stage_serving(state: dict, runs: list, digits: str) -> None:
+    from shared.data import read_mnist
+    from shared.grpc_client import channel
+    from shared.inference_client import InferenceClient
+    from shared.pb import benchmark_pb2, benchmark_pb2_grpc
+
+    banner("4. serving and benchmarking")
+    best = max(runs, key=lambda r: r.metrics.get("val_acc", 0.0))
+    name, version = best.model_uri.split("/")[1:3]
+    client = InferenceClient(state["inference"]["address"])
+    client.load_model(name, version)
+    print(f"  serving {best.model_uri} (val_acc {best.metrics['val_acc']:.4f}) at {state['inference']['address']}")
+    _, test = read_mnist(digits)
+    picks = list(range(0, len(test.labels), len(test.labels) // 12))[:12]
+    images = [test.images[i, 0].numpy() for i in picks]
+    predictions = client.classify(name, images, version=version, top_k=3)
+    right = 0
+    print("  digit  predicted  confidence  runner-up")
+    for i, pred in zip(picks, predictions, strict=True):
+        truth = test.classes[int(test.labels[i])]
+        right += pred.label == truth
+        print(f"  {truth:>5}  {pred.label:>9}  {pred.confidence:>10.3f}  {pred.top[1][0]} ({pred.top[1][1]:.3f})")
+    print(f"  {right}/{len(picks)} correct through the gRPC client")
+
+    stub = benchmark_pb2_grpc.BenchmarkServiceStub(channel(state["benchmark"]["address"]))
+    table = Path(os.environ["TRAINYARD_HOME"]) / "mnist_benchmark.md"
+    request = benchmark_pb2.BenchmarkRequest(
+        models=[f"store:{r.model_uri}" for r in runs], input_shape=[1, 28, 28], batch_sizes=[1, 64],
+        quantize=True, dataset=digits, out=str(table))
+    results = [e.result for e in stub.Benchmark(request) if e.HasField("result")]
+    print(f"\n  {'model':<30} {'params (M)':>10} {'GMACs':>7} {'latency (ms)':>12} {'img/s @64':>10} "
+          f"{'peak MB':>8} {'acc fp32':>8} {'acc int8':>8}")
+    for r in results:
+        bs64 = {t.batch_size: t.samples_per_second for t in r.throughput}.get(64, 0.0)
+        print(f"  {r.model:<30} {r.params_total / 1e6:>10.3f} {r.gmacs:>7.4f} {r.latency_p50_ms:>12.2f} "
+              f"{bs64:>10.0f} {r.peak_memory_mb:>8.1f} {r.accuracy_fp32:>8.4f} {r.accuracy_int8:>8.4f}"
+              + (f"  error: {r.error}" if r.error else ""))
+    print(f"  full table (all columns, CSV and plot beside it): {table}")
+
+
 def main() -> int:
     from shared.local_stack import down
 
@@ -155,10 +196,13 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TRAINYARD_PROGRESS", "0")
     start = time.monotonic()
+    # SIGTERM (a CI timeout, `kill`) must still stop the services through the `finally` below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         state = stage_services()
         data = stage_datasets(state, home / "data")
-        stage_training(state, data["digits"])
+        runs = stage_training(state, data["digits"])
+        stage_serving(state, runs, data["digits"])
     finally:
         banner("shutting down")
         print("  stopped: " + ", ".join(down()))

@@ -489,12 +489,15 @@ class Engine:
             cutmix_alpha=a.cutmix) if a.enabled else None
         # The loader shards one shared permutation by rank, so the per-rank batches of step k together are
         # exactly the single-process batch k: the global batch stays cfg.batch_size.
-        return InMemoryLoader(
+        loader = InMemoryLoader(
             InMemoryDataset(data.train_x, data.train_y, data.classes),
             batch_size=self.cfg.batch_size // self.dist.world_size, shuffle=True, augment=augment,
             seed=self.cfg.seed, drop_last=False, rank=self.dist.rank, world_size=self.dist.world_size,
             mean=data.mean, std=data.std, device=device,
         )
+        if augment is None and data.train_x.numel() * 4 <= _PRENORMALIZE_MAX_BYTES:
+            return _PreNormalized(loader, data, device)
+        return loader
 
     # ------------------------------------------------------------ the run
 
@@ -877,6 +880,39 @@ class Engine:
 
 
 # ================================================================ helpers
+
+# Float copies of the training set up to this size are kept in memory when there is no augmentation.
+_PRENORMALIZE_MAX_BYTES = 2 << 30
+
+
+class _PreNormalized:
+    """Without augmentation, the training set normalised to float once, as a bare loop would hold it.
+
+    A batch is then one index_select instead of gather + convert + normalise (four passes over the batch,
+    each a parallel region); the sample order is the loader's own (its shuffle and rank sharding).
+    """
+
+    def __init__(self, loader, data: DataBundle, device: torch.device):
+        self.loader = loader
+        normalize = Normalizer(data.mean, data.std, device)
+        self.x = torch.empty(data.train_x.shape, dtype=torch.float32, device=device)
+        for i in range(0, len(data.train_x), 4096):
+            self.x[i:i + 4096] = normalize(data.train_x[i:i + 4096].to(device))
+        self.y = data.train_y.to(device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        order = self.loader.indices().to(self.x.device)
+        bs = self.loader.batch_size
+        for b in range(len(self.loader)):
+            idx = order[b * bs:(b + 1) * bs]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
 
 def _flat(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

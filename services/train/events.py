@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from shared.logs import get_logger
 from shared.settings import load_settings
@@ -110,24 +110,3 @@ def read_events(path: str | Path) -> list[dict]:
     path = Path(path)
     return parse_events(path.read_text(encoding="utf-8")) if path.exists() else []
 
-
-def follow_events(path: str | Path, poll: float = 0.5, stop=None) -> Iterator[dict]:
-    """Yield records as they are appended, until a terminal state record (or ``stop()`` returns True)."""
-    path = Path(path)
-    offset = 0
-    buf = ""
-    while True:
-        if path.exists():
-            with open(path, encoding="utf-8") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-                offset = fh.tell()
-            buf += chunk
-            *lines, buf = buf.split("\n")
-            for record in parse_events("\n".join(lines)):
-                yield record
-                if record.get("type") == "state" and record.get("state") != "RUNNING":
-                    return
-        if stop is not None and stop():
-            return
-        time.sleep(poll)
