@@ -239,6 +239,7 @@ def service_arg_parser(name: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in containers")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024))
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--max-workers", type=int, default=16, help="RPCs handled at once (threads)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -259,6 +260,7 @@ def serve(
         host=args.host,
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
+        max_workers=args.max_workers,
         warmup=warmup,
     )
 

@@ -65,3 +65,13 @@ def prometheus_factory(tmp_path_factory):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def pushgateway(tmp_path):
+    """host:port of a real Pushgateway, stopped after the test."""
+    from tests.harness.prometheus import start_pushgateway
+
+    proc, address = start_pushgateway(tmp_path)
+    yield address
+    proc.stop()

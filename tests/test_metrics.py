@@ -1,7 +1,6 @@
 """shared.metrics against a real Prometheus (scraping) and a real Pushgateway."""
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -9,43 +8,11 @@ import urllib.request
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.metrics import JobMetrics, ServerMetrics, job_registry, push_metrics, start_metrics_server
-from tests.harness import ManagedProcess, free_port, http_probe
-from tests.harness.process import HOST, start_with_retries
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample at ``url`` as {(name, sorted labels): value}."""
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-@pytest.fixture
-def pushgateway(tmp_path):
-    binary = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
-
-    def make() -> ManagedProcess:
-        port = free_port()
-        return ManagedProcess(
-            "pushgateway",
-            [binary, f"--web.listen-address={HOST}:{port}"],
-            tmp_path / "pushgateway.log",
-            http_probe(f"http://{HOST}:{port}/-/ready"),
-            ready_timeout=30,
-            stop_grace=5,
-        )
-
-    proc = start_with_retries(make)
-    address = proc.argv[1].split("=", 1)[1]
-    yield address
-    proc.stop()
+from tests.harness import free_port
+from tests.harness.process import HOST
+from tests.harness.prometheus import scrape
 
 
 def test_server_metrics_scraped_by_prometheus(prometheus_factory):

@@ -42,7 +42,7 @@ def test_all_services_serve_health_and_metrics_and_stop_cleanly(stack, tmp_path)
     assert sorted(down(grace_s=30)) == sorted(SERVICES)
     for name, info in stack.items():
         assert health_status(info["address"], timeout=1) == "UNREACHABLE", name
-    for name, pid in pids.items():
+    for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     # graceful: each service logged its drain and stop

@@ -19,7 +19,7 @@ from services.train.export import list_versions, load_exported, model_prefix
 from shared.data import write_idx
 from shared.errors import IntegrityError, InvalidArgument, NotFound
 from shared.storage import open_store
-from tests.test_metrics import pushgateway, scrape  # noqa: F401 - the real Pushgateway fixture
+from tests.harness.prometheus import scrape
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

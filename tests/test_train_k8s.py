@@ -50,7 +50,8 @@ def test_submit_creates_exactly_the_built_job(kube, manager):
     base = f"/apis/batch/v1/namespaces/{NS}/jobs"
     assert _job_requests(kube) == [("DELETE", f"{base}/{name}"), ("POST", base), ("GET", f"{base}/{name}/status")]
     posted = kube.state.requests[1].body
-    expected = k8s.ApiClient().sanitize_for_serialization(build_job(view.record, manager.backends["kubernetes"].settings))
+    settings = manager.backends["kubernetes"].settings
+    expected = k8s.ApiClient().sanitize_for_serialization(build_job(view.record, settings))
     assert posted == expected
     container = posted["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example/trainyard-train:1.0"
@@ -84,7 +85,8 @@ def test_job_and_pod_status_become_run_states(kube, manager, tmp_path):
     assert (view.state, view.epoch, view.metrics["val_acc"], view.mlflow_run_id) == ("RUNNING", 1, 0.9, "abc")
 
     kube.state.set_status(NS, name, {"failed": 4, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]})
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+         "message": "Job has reached the specified backoff limit"}]})
     failed = manager.get("mnist-k8s-2")
     assert failed.state == "FAILED" and "BackoffLimitExceeded" in failed.message
 
@@ -96,7 +98,8 @@ def test_pending_reason_comes_from_the_pod(kube, manager):
     kube.state.pods.append({
         "metadata": {"name": f"{name}-x", "labels": {"job-name": name}},
         "status": {"phase": "Pending", "conditions": [{
-            "type": "PodScheduled", "status": "False", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
+            "type": "PodScheduled", "status": "False",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
     })
     status = backend.status(record)
     assert status.phase == "pending" and "Insufficient nvidia.com/gpu" in status.message

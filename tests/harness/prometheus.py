@@ -114,3 +114,30 @@ class PrometheusServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_pushgateway(log_dir: Path) -> tuple[ManagedProcess, str]:
+    """A real Pushgateway (Debian's prometheus-pushgateway) on a free loopback port: (process, host:port)."""
+    binary = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
+
+    def make() -> ManagedProcess:
+        port = free_port()
+        return ManagedProcess("pushgateway", [binary, f"--web.listen-address={HOST}:{port}"],
+                              Path(log_dir) / "pushgateway.log", http_probe(f"http://{HOST}:{port}/-/ready"),
+                              ready_timeout=30, stop_grace=5)
+
+    proc = start_with_retries(make)
+    return proc, proc.argv[1].split("=", 1)[1]
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample at ``url`` as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
