@@ -177,11 +177,11 @@ def stage_serving(state: dict, runs: list, digits: str) -> None:
         quantize=True, dataset=digits, out=str(table))
     results = [e.result for e in stub.Benchmark(request) if e.HasField("result")]
     print(f"\n  {'model':<30} {'params (M)':>10} {'GMACs':>7} {'latency (ms)':>12} {'img/s @64':>10} "
-          f"{'peak MB':>8} {'acc fp32':>8} {'acc int8':>8}")
+          f"{'peak MB':>8} {'acc fp32 %':>10} {'acc int8 %':>10}")
     for r in results:
         bs64 = {t.batch_size: t.samples_per_second for t in r.throughput}.get(64, 0.0)
         print(f"  {r.model:<30} {r.params_total / 1e6:>10.3f} {r.gmacs:>7.4f} {r.latency_p50_ms:>12.2f} "
-              f"{bs64:>10.0f} {r.peak_memory_mb:>8.1f} {r.accuracy_fp32:>8.4f} {r.accuracy_int8:>8.4f}"
+              f"{bs64:>10.0f} {r.peak_memory_mb:>8.1f} {r.accuracy_fp32:>10.2f} {r.accuracy_int8:>10.2f}"
               + (f"  error: {r.error}" if r.error else ""))
     print(f"  full table (all columns, CSV and plot beside it): {table}")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from shared.errors import FailedPrecondition
 from shared.grpc_client import health_status, wait_serving
 from shared.grpc_server import SERVICE_PORTS
+from shared.parallel import process_alive
 from shared.settings import load_settings
 
 SERVICES = list(SERVICE_PORTS)
@@ -19,22 +20,6 @@ SERVICES = list(SERVICE_PORTS)
 
 def _state_file() -> Path:
     return load_settings().home / "up.json"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        # Reap it if it is our own exited child, so a zombie does not count as alive.
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_state() -> dict[str, dict]:
@@ -49,7 +34,7 @@ def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str =
     ``ports`` maps a service to its (gRPC, metrics) ports; the defaults are SERVICE_PORTS.
     """
     settings = load_settings()
-    running = {k: v for k, v in read_state().items() if _alive(v["pid"])}
+    running = {k: v for k, v in read_state().items() if process_alive(v["pid"])}
     log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     state = dict(running)
@@ -95,14 +80,14 @@ def down(grace_s: float = 20.0) -> list[str]:
     state = read_state()
     stopped = []
     for name, info in state.items():
-        if _alive(info["pid"]):
+        if process_alive(info["pid"]):
             os.kill(info["pid"], signal.SIGTERM)
             stopped.append(name)
     end = time.monotonic() + grace_s
-    while time.monotonic() < end and any(_alive(state[n]["pid"]) for n in stopped):
+    while time.monotonic() < end and any(process_alive(state[n]["pid"]) for n in stopped):
         time.sleep(0.1)
     for name in stopped:
-        if _alive(state[name]["pid"]):
+        if process_alive(state[name]["pid"]):
             os.kill(state[name]["pid"], signal.SIGKILL)
     _state_file().unlink(missing_ok=True)
     return stopped

@@ -13,6 +13,7 @@ from pathlib import Path
 from services.train.events import read_events
 from services.train.runs import BackendStatus, RunRecord
 from shared.logs import get_logger
+from shared.parallel import process_alive
 
 log = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +80,7 @@ class LocalBackend:
             code = proc.poll()
             return BackendStatus("running") if code is None else BackendStatus("exited", code)
         # A run started by an earlier server process: all we have is its PID file.
-        if _alive(_pid_from_file(record)):
+        if process_alive(_pid_from_file(record)):
             return BackendStatus("running")
         return BackendStatus("gone", message="worker is no longer running (server restarted?)")
 
@@ -100,12 +101,12 @@ class LocalBackend:
             return
         # Started by an earlier server process: its PID file leads to the process group.
         pid = _pid_from_file(record)
-        if _alive(pid):
+        if process_alive(pid):
             os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + self.cancel_grace_s
-            while _alive(pid) and time.monotonic() < deadline:
+            while process_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(pid):
+            if process_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
 
     def events(self, record: RunRecord, run_dir: Path) -> list[dict]:
@@ -121,15 +122,3 @@ def _pid_from_file(record: RunRecord) -> int:
         return int(pid_file.read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
