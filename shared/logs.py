@@ -31,12 +31,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-_configured = False
-
-
 def configure(level: str | int = "INFO", stream=None) -> None:
     """Send every log record to ``stream`` (stderr) as one JSON object per line."""
-    global _configured
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -44,7 +40,6 @@ def configure(level: str | int = "INFO", stream=None) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
-    _configured = True
 
 
 def get_logger(name: str) -> logging.Logger:
