@@ -313,3 +313,17 @@ def test_split_and_open_location(tmp_path, s3_server, monkeypatch):
     s3_store, s3_prefix = open_location(f"s3://{s3_server.bucket}/tests/locations/ds")
     s3_store.publish(s3_prefix, {"a.bin": b"a"})
     assert open_store(f"s3://{s3_server.bucket}/tests/locations").get_verified("ds", "a.bin") == b"a"
+
+
+def test_opening_a_local_store_to_read_creates_nothing(tmp_path):
+    from shared.errors import NotFound
+    from shared.storage import open_store
+
+    root = tmp_path / "not" / "there"
+    store = open_store(str(root))
+    assert store.list() == [] and not store.exists("a") and not store.is_published("x")
+    with pytest.raises(NotFound):
+        store.read_manifest("x")
+    assert not (tmp_path / "not").exists()
+    store.put_bytes("a/b", b"1")
+    assert store.get_bytes("a/b") == b"1"

@@ -17,7 +17,7 @@ class LocalStore(ArtifactStore):
         self.root = pathlib.Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise FailedPrecondition(f"store root {self.root} exists and is not a directory")
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Created by the first write, not here: opening a store to read must not create folders.
         self.url = f"file://{self.root}"
 
     def _path(self, key: str) -> pathlib.Path:
