@@ -25,6 +25,7 @@ from typing import Any
 from shared.parallel import pool_context
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
+from shared.storage import is_url
 from shared.storage.manifest import now_iso
 
 from .describe import describe_cad
@@ -92,10 +93,6 @@ def make_records(model_id: str, description: str, seed: int) -> list[dict]:
 
 # ---- inputs: a local directory or a store URL ----
 
-def _is_url(s: str) -> bool:
-    return "://" in s
-
-
 def _list_cad_json(source: str) -> dict[str, str]:
     """model id -> path or key of every cad_json file (model id = file name without .json)."""
     from services.render.cad.jobs import list_cad_json
@@ -112,7 +109,7 @@ def _list_cad_json(source: str) -> dict[str, str]:
 
 def _list_images(rendered: str) -> set[str]:
     """File names under the rendered dataset's images/ folder."""
-    if _is_url(rendered):
+    if is_url(rendered):
         from shared.storage import open_store
 
         return {k.rsplit("/", 1)[-1] for k in open_store(rendered).list("images")}
@@ -124,7 +121,7 @@ def _list_images(rendered: str) -> set[str]:
 
 def _read_rendered_meta(rendered: str) -> dict:
     try:
-        if _is_url(rendered):
+        if is_url(rendered):
             from shared.storage import open_store
 
             return json.loads(open_store(rendered).get_bytes("metadata.json"))
@@ -152,7 +149,7 @@ def _describe_one(item: tuple[str, str]) -> tuple[str, str | None, str | None]:
     mid, key = item
     source = _worker_source
     try:
-        if source is not None and _is_url(source):
+        if source is not None and is_url(source):
             if "store" not in _worker_store:
                 from shared.storage import open_store
 
@@ -304,7 +301,7 @@ def convert_tinyllava(
     metadata = {
         "format": "llava",
         "generator": FORMAT_VERSION,
-        "image_folder": (rendered.rstrip("/") if _is_url(rendered) else str(Path(rendered).resolve())) + "/images",
+        "image_folder": (rendered.rstrip("/") if is_url(rendered) else str(Path(rendered).resolve())) + "/images",
         "image_size": [image_size, image_size],
         "views": list(VIEWS),
         "templates": len(TEMPLATES),

@@ -23,6 +23,7 @@ __all__ = [
     "MANIFEST_NAME",
     "Manifest",
     "S3Store",
+    "is_url",
     "open_location",
     "open_store",
     "split_location",
@@ -51,6 +52,11 @@ def open_store(
     if "://" in target:
         raise InvalidArgument(f"unsupported store URL {target!r}: use file://, s3:// or a local path")
     return LocalStore(Path(target))
+
+
+def is_url(location: str) -> bool:
+    """Whether ``location`` names a store by URL (file://, s3://) rather than a plain local path."""
+    return "://" in location
 
 
 def split_location(location: str) -> tuple[str, str]:

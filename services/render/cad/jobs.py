@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
+from shared.storage import is_url
 
 from .deepcad import CadFormatError, load_cad_json, parse_cad
 from .geometry import mesh_arrays, rebuild
@@ -44,10 +45,6 @@ def image_name(model_id: str, view: str) -> str:
     return f"{model_id}_{view}.png"
 
 
-def _is_url(s: str) -> bool:
-    return "://" in s
-
-
 # Files a published dataset carries beside its models: never cad_json inputs.
 _BOOKKEEPING = {"MANIFEST.json", "metadata.json"}
 
@@ -58,7 +55,7 @@ def list_cad_json(location: str | Path) -> tuple[list[str], str | None]:
     The output of `render cad-synth` is a published dataset, so its manifest and metadata are skipped.
     """
     loc = str(location)
-    if _is_url(loc):
+    if is_url(loc):
         from shared.storage import open_store
 
         keys = [k for k in open_store(loc).list() if k.endswith(".json")]
