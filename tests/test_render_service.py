@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -253,3 +254,39 @@ def test_render_to_s3_publishes_a_verified_dataset(stub, s3_store_url):
                                                 [f"{prefix}/MANIFEST.json"])
     info = stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=location))
     assert (info.kind, info.items, info.files) == ("logos", 12, len(manifest.files))
+
+
+def test_one_writer_per_output_and_the_work_outlives_its_stream(stub, tmp_path):
+    out = str(tmp_path / "trajectories")
+    request = dict(out=out, count=1500, seed=5, trajectories=render_pb2.TrajectoryRender(shard_size=50))
+    first = stub.Render(render_pb2.RenderRequest(**request), timeout=120)
+    job_id = next(first).job_id
+    # The same folder, spelled as a URL with a trailing slash, is the same output.
+    with pytest.raises(grpc.RpcError) as second:
+        list(stub.Render(render_pb2.RenderRequest(**{**request, "out": f"file://{out}/"}), timeout=30))
+    assert second.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert job_id in second.value.details()
+
+    # The client goes away; the render does not, and publishes the whole dataset.
+    first.cancel()
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            info = stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=out), timeout=10)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline, exc
+            time.sleep(0.5)
+    assert info.items == 1500
+    store, prefix = open_location(out)
+    for relpath in store.read_manifest(prefix).files:
+        store.get_verified(prefix, relpath)  # every shard whole: sizes and sha256 match the manifest
+
+    # Once the writer is done the output is free again, and what speaks is the published-dataset rule.
+    while True:
+        with pytest.raises(grpc.RpcError) as again:
+            list(stub.Render(render_pb2.RenderRequest(**request), timeout=30))
+        if again.value.code() != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS, again.value.details()

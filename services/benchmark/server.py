@@ -59,10 +59,12 @@ class BenchmarkServiceServicer(benchmark_pb2_grpc.BenchmarkServiceServicer):
         job_id = uuid.uuid4().hex[:12]
         start = time.monotonic()
         total = len(bench_request.models)
+        work = lambda report: run_benchmarks(bench_request, progress=report)  # noqa: E731
+        events = stream_progress(work, is_active=context.is_active, output=bench_request.out or None,
+                                 job_id=job_id)
         yield benchmark_pb2.BenchmarkEvent(progress=common_pb2.Progress(
             job_id=job_id, state="running", stage="measure", total=total))
-        work = lambda report: run_benchmarks(bench_request, progress=report)  # noqa: E731
-        for kind, item in stream_progress(work, is_active=context.is_active):
+        for kind, item in events:
             if kind == "progress":
                 done, _total, model, result = item
                 if result is not None:

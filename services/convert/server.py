@@ -33,11 +33,12 @@ class ConvertServiceServicer(convert_pb2_grpc.ConvertServiceServicer):
             raise InvalidArgument("ToTinyLlava needs cad_json, images and out")
         job_id = uuid.uuid4().hex[:12]
         start = time.monotonic()
-        yield common_pb2.Progress(job_id=job_id, state="running", stage="convert")
         work = lambda _report: convert_tinyllava(  # noqa: E731 - one call, its progress is start and end
             request.cad_json, request.images, request.out, split_file=request.split_file or None,
             seed=request.seed, val_fraction=request.val_fraction or 0.1)
-        for kind, stats in stream_progress(work, is_active=context.is_active):
+        events = stream_progress(work, is_active=context.is_active, output=request.out, job_id=job_id)
+        yield common_pb2.Progress(job_id=job_id, state="running", stage="convert")
+        for kind, stats in events:
             if kind == "done":
                 skipped = sum(stats.skipped.values())
                 yield common_pb2.Progress(

@@ -45,8 +45,10 @@ class RenderServiceServicer(render_pb2_grpc.RenderServiceServicer):
         spec = spec_from_request(request, self.default_workers)
         job_id = uuid.uuid4().hex[:12]
         start = time.monotonic()
+        events = stream_progress(lambda report: render(spec, report), is_active=context.is_active,
+                                 output=spec.out, job_id=job_id)
         yield common_pb2.Progress(job_id=job_id, state="running", stage="render")
-        for kind, item in stream_progress(lambda report: render(spec, report), is_active=context.is_active):
+        for kind, item in events:
             if kind == "progress":
                 done, total, _info = item
                 yield common_pb2.Progress(job_id=job_id, state="running", stage="render", done=done, total=total,
