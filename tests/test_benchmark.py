@@ -273,7 +273,6 @@ def test_exported_model_from_store(mnist_dir, exported_model):
     assert stored.accuracy_delta == pytest.approx(stored.accuracy_int8 - stored.accuracy_fp32)
 
 
-@pytest.mark.slow
 def _agree(a, b) -> bool:
     def close(x: float, y: float) -> bool:
         return abs(x - y) / min(x, y) <= 0.15
@@ -285,6 +284,7 @@ def _agree(a, b) -> bool:
         not idle or close(a.latency_p50_ms, b.latency_p50_ms))
 
 
+@pytest.mark.slow
 def test_latency_medians_repeat_within_15_percent():
     request = make_request(models=["mobilenetv3_large_100"], input_shape=(3, 224, 224), batch_sizes=[1],
                            warmup=10, iterations=60, throughput_seconds=0.1, threads=1, quantize=False,
