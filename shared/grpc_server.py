@@ -73,15 +73,19 @@ def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_res
         def stream_handler(request, context):
             rid = _start(context)
             start = time.perf_counter()
-            error = None
+            error, code = None, None
             with metrics.in_flight(method):
                 try:
                     yield from behavior(request, context)
+                except GeneratorExit:
+                    # The client cancelled or went away: there is nobody to send a status to.
+                    code = grpc.StatusCode.CANCELLED.name
+                    raise
                 except BaseException as exc:  # noqa: BLE001 - mapped to a status below
                     error = exc
                     _fail(exc, context, rid)
                 finally:
-                    metrics.observe(method, _code(context, error), time.perf_counter() - start)
+                    metrics.observe(method, code or _code(context, error), time.perf_counter() - start)
 
         return stream_handler
 

@@ -1,4 +1,5 @@
 """The shared bootstrap, exercised on a real server with a small test servicer."""
+import gc
 import threading
 import time
 
@@ -6,6 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from shared import errors
 from shared.grpc_client import channel, health_status
@@ -14,7 +16,8 @@ from shared.pb import train_pb2, train_pb2_grpc
 
 
 class _Servicer(train_pb2_grpc.TrainServiceServicer):
-    """GetRun raises the domain error named by the run id; WatchRun streams two events then fails."""
+    """GetRun raises the domain error named by the run id; WatchRun streams two events then fails, or streams
+    until the client goes away for run id "endless"."""
 
     def GetRun(self, request, context):
         if request.run_id == "missing":
@@ -28,6 +31,12 @@ class _Servicer(train_pb2_grpc.TrainServiceServicer):
         return train_pb2.Run(run_id=request.run_id)
 
     def WatchRun(self, request, context):
+        if request.run_id == "endless":
+            epoch = 0
+            while True:
+                epoch += 1
+                yield train_pb2.RunEvent(epoch=train_pb2.EpochMetrics(epoch=epoch))
+                time.sleep(0.01)
         yield train_pb2.RunEvent(epoch=train_pb2.EpochMetrics(epoch=1))
         yield train_pb2.RunEvent(epoch=train_pb2.EpochMetrics(epoch=2))
         raise errors.FailedPrecondition("run was cancelled")
@@ -130,3 +139,20 @@ def test_drain_reports_not_serving_and_lets_inflight_calls_finish(host):
     stopper.join()
     with pytest.raises(grpc.RpcError):
         health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_stream_the_client_cancels_counts_as_cancelled_not_as_an_error(host):
+    labels = {"service": "test", "method": "/trainyard.v1.TrainService/WatchRun", "code": "CANCELLED"}
+    before = REGISTRY.get_sample_value("trainyard_grpc_requests_total", labels) or 0
+    stream = _stub(host).WatchRun(train_pb2.WatchRunRequest(run_id="endless"), timeout=30)
+    assert [next(stream).epoch.epoch for _ in range(3)] == [1, 2, 3]
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while (REGISTRY.get_sample_value("trainyard_grpc_requests_total", labels) or 0) == before:
+        assert time.monotonic() < deadline, "the cancelled stream was never counted"
+        gc.collect()  # the server closes an abandoned generator when it is collected
+        time.sleep(0.05)
+    for code in ("INTERNAL", "UNKNOWN"):
+        assert not REGISTRY.get_sample_value("trainyard_grpc_requests_total", {**labels, "code": code})
+    assert _stub(host).GetRun(train_pb2.GetRunRequest(run_id="ok"), timeout=5).run_id == "ok"
