@@ -10,7 +10,6 @@ so images of different sizes share a request and the server does the decoding an
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,6 +18,7 @@ import grpc
 import numpy as np
 
 from shared import errors
+from shared.bytes_tensor import deserialize_bytes_tensor, serialize_bytes_tensor
 from shared.grpc_client import channel
 from shared.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from shared.pb import inference_pb2 as pb
@@ -43,19 +43,6 @@ def _typed_error(exc: grpc.RpcError, address: str) -> errors.TrainyardError:
     if type(err) is errors.TrainyardError:
         err.code = code
     return err
-
-
-def _bytes_tensor(items: Sequence[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def _parse_bytes_tensor(raw: bytes) -> list[bytes]:
-    out, pos = [], 0
-    while pos < len(raw):
-        (size,) = struct.unpack_from("<I", raw, pos)
-        out.append(raw[pos + 4:pos + 4 + size])
-        pos += 4 + size
-    return out
 
 
 @dataclass(frozen=True)
@@ -156,7 +143,7 @@ class InferenceClient:
         else:
             blobs = list(batch)
             req.inputs.add(name="encoded", datatype="BYTES", shape=[len(blobs)])
-            req.raw_input_contents.append(_bytes_tensor(blobs))
+            req.raw_input_contents.append(serialize_bytes_tensor(blobs))
         req.outputs.add(name="probabilities")
         labels = req.outputs.add(name="labels")
         labels.parameters["top_k"].int64_param = max(1, int(top_k))
@@ -167,7 +154,7 @@ class InferenceClient:
         p_meta, p_raw = out["probabilities"]
         probs = np.frombuffer(p_raw, dtype="<f4").reshape(list(p_meta.shape))
         l_meta, l_raw = out["labels"]
-        names = [b.decode() for b in _parse_bytes_tensor(l_raw)]
+        names = [b.decode() for b in deserialize_bytes_tensor(l_raw, int(np.prod(l_meta.shape)))]
         k = int(l_meta.shape[1]) if len(l_meta.shape) == 2 else 1
         return InferResult(probs, [names[i:i + k] for i in range(0, len(names), k)], resp.model_name,
                            resp.model_version)

@@ -22,6 +22,7 @@ from services.inference.repository import ModelRepository
 from services.inference.server import start_server
 from services.train.engine import Normalizer, synthetic_digits
 from services.train.export import load_exported, make_card, publish_model
+from shared.bytes_tensor import deserialize_bytes_tensor, serialize_bytes_tensor
 from shared.errors import InvalidArgument
 from shared.grpc_client import channel, health_status, wait_serving
 from shared.models import create_model
@@ -70,15 +71,6 @@ def infer_request(model: str, arr: np.ndarray, *, version: str = "", name: str |
         if out == "labels" and top_k:
             o.parameters["top_k"].int64_param = top_k
     return req
-
-
-def bytes_elements(raw: bytes) -> list[bytes]:
-    out, pos = [], 0
-    while pos < len(raw):
-        (n,) = struct.unpack_from("<I", raw, pos)
-        out.append(raw[pos + 4:pos + 4 + n])
-        pos += 4 + n
-    return out
 
 
 def outputs_of(resp: pb.ModelInferResponse) -> dict[str, tuple[list[int], bytes]]:
@@ -133,6 +125,17 @@ def served(tmp_path_factory):
     repo.close()
 
 
+def test_bytes_tensor_wire_format():
+    # Spelled out byte for byte: server and client share this codec, so only a literal catches a
+    # change that both sides would agree on but KServe and Triton clients would not.
+    raw = serialize_bytes_tensor([b"ab", b""])
+    assert raw == struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0)
+    assert deserialize_bytes_tensor(raw, 2) == [b"ab", b""]
+    for bad, message in ((raw[:-1], "truncated"), (raw[:5], "truncated"), (raw, "shape says 3")):
+        with pytest.raises(InvalidArgument, match=message):
+            deserialize_bytes_tensor(bad, 3 if bad is raw else None)
+
+
 def test_server_calls_and_metadata(served):
     stub = served["stub"]
     assert stub.ServerLive(pb.ServerLiveRequest()).live
@@ -162,7 +165,7 @@ def test_raw_protocol_uint8_and_fp32_match_in_process(served):
     probs = np.frombuffer(raw, dtype="<f4").reshape(shape)
     np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-6)
     assert outs["labels"][0] == [12]
-    assert [b.decode() for b in bytes_elements(outs["labels"][1])] == [str(i) for i in expected.argmax(1)]
+    assert [b.decode() for b in deserialize_bytes_tensor(outs["labels"][1])] == [str(i) for i in expected.argmax(1)]
 
     # FP32 NCHW, already preprocessed: the server must use it untouched.
     norm = Normalizer(MNIST_MEAN, MNIST_STD, torch.device("cpu"))
@@ -189,10 +192,11 @@ def test_typed_contents_and_encoded_png_and_resizing(served):
     # encoded PNG files as a BYTES tensor, decoded server-side
     req = pb.ModelInferRequest(model_name="rgb")
     req.inputs.add(name="encoded", datatype="BYTES", shape=[3])
-    req.raw_input_contents.append(b"".join(struct.pack("<I", len(p)) + p for p in map(png_bytes, images)))
+    req.raw_input_contents.append(serialize_bytes_tensor([png_bytes(im) for im in images]))
     outs = outputs_of(stub.ModelInfer(req))
     np.testing.assert_allclose(np.frombuffer(outs["probabilities"][1], "<f4").reshape(3, 4), expected, atol=1e-6)
-    assert [b.decode() for b in bytes_elements(outs["labels"][1])] == [RGB_CLASSES[i] for i in expected.argmax(1)]
+    labels = [b.decode() for b in deserialize_bytes_tensor(outs["labels"][1])]
+    assert labels == [RGB_CLASSES[i] for i in expected.argmax(1)]
 
     # a larger grayscale image: resized and expanded to 3 channels like PIL would do on the training side
     big = rng.integers(0, 256, (1, 96, 64, 1), dtype=np.uint8)
@@ -209,7 +213,7 @@ def test_top_k_labels(served):
                                                     top_k=3)))
     probs = np.frombuffer(outs["probabilities"][1], "<f4").reshape(4, 10)
     assert outs["labels"][0] == [4, 3]
-    labels = [b.decode() for b in bytes_elements(outs["labels"][1])]
+    labels = [b.decode() for b in deserialize_bytes_tensor(outs["labels"][1])]
     for row in range(4):
         assert labels[row * 3:row * 3 + 3] == [str(i) for i in np.argsort(-probs[row], kind="stable")[:3]]
 
@@ -432,7 +436,7 @@ def test_trained_model_served_by_a_real_server_process(tmp_path, monkeypatch):
             resp = stub.ModelInfer(infer_request("served-digits", held_out), timeout=60)
         outs = outputs_of(resp)
         probs = np.frombuffer(outs["probabilities"][1], "<f4").reshape(256, 10)
-        served_labels = [int(b) for b in bytes_elements(outs["labels"][1])]
+        served_labels = [int(b) for b in deserialize_bytes_tensor(outs["labels"][1])]
         assert served_labels == expected.argmax(1).tolist()
         np.testing.assert_allclose(probs, expected, atol=1e-5)
         accuracy = float((np.asarray(served_labels) == labels).mean())

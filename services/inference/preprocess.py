@@ -14,7 +14,6 @@ the same numbers as in training.
 from __future__ import annotations
 
 import io
-import struct
 import warnings
 
 import numpy as np
@@ -36,31 +35,6 @@ INPUT_DATATYPES = {INPUT_IMAGES: "UINT8", INPUT_TENSOR: "FP32", INPUT_ENCODED: "
 _NP_DTYPES = {"UINT8": np.uint8, "FP32": np.dtype("<f4")}
 # Luma weights (ITU-R 601), the ones PIL's convert("L") uses.
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-
-
-def serialize_bytes_tensor(items: list[bytes]) -> bytes:
-    """BYTES elements the standard way: each one prefixed with its 4-byte little-endian length."""
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def deserialize_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
-    """Inverse of ``serialize_bytes_tensor``; ``count`` elements expected, no trailing bytes."""
-    items: list[bytes] = []
-    view = memoryview(raw)
-    pos = 0
-    while pos < len(view):
-        if pos + 4 > len(view):
-            raise InvalidArgument(f"BYTES tensor is truncated: a length prefix is cut off at byte {pos}")
-        (size,) = struct.unpack_from("<I", view, pos)
-        pos += 4
-        if pos + size > len(view):
-            raise InvalidArgument(f"BYTES tensor is truncated: element {len(items)} declares {size} bytes, "
-                                  f"{len(view) - pos} remain")
-        items.append(bytes(view[pos:pos + size]))
-        pos += size
-    if len(items) != count:
-        raise InvalidArgument(f"BYTES tensor holds {len(items)} elements but its shape says {count}")
-    return items
 
 
 def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:

@@ -28,8 +28,6 @@ from services.inference.preprocess import (
     INPUT_ENCODED,
     INPUT_IMAGES,
     INPUT_TENSOR,
-    deserialize_bytes_tensor,
-    serialize_bytes_tensor,
     tensor_from_raw,
 )
 from services.inference.repository import (
@@ -38,6 +36,7 @@ from services.inference.repository import (
     parse_model_specs,
     parse_version,
 )
+from shared.bytes_tensor import deserialize_bytes_tensor, serialize_bytes_tensor
 from shared.errors import InvalidArgument, TrainyardError
 from shared.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServiceHost, serve, service_arg_parser, start
 from shared.logs import get_logger
