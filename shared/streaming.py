@@ -1,12 +1,12 @@
 """Turn a long call with a progress callback into a stream, for server-streaming progress RPCs."""
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from typing import Any, Callable, Iterator
 
 from shared.errors import FailedPrecondition
+from shared.storage import split_location
 
 _DONE = object()
 
@@ -14,14 +14,6 @@ _DONE = object()
 # a client that reconnects and asks again must not start a second writer on the same shards.
 _writing: dict[str, str] = {}
 _writing_lock = threading.Lock()
-
-
-def _output_key(location: str) -> str:
-    if location.startswith("file://"):
-        location = location[len("file://"):]
-    if "://" in location:
-        return location.rstrip("/")
-    return os.path.realpath(location)
 
 
 def stream_progress(work: Callable[[Callable[..., None]], Any], poll_s: float = 0.5,
@@ -36,7 +28,8 @@ def stream_progress(work: Callable[[Callable[..., None]], Any], poll_s: float = 
     location the work writes: while it runs, a second call for the same output raises FailedPrecondition
     here, before anything starts.
     """
-    key = _output_key(output) if output else None
+    # split_location spells one location one way: file:// or not, trailing slash or not, relative or not.
+    key = "/".join(split_location(output)) if output else None
     if key is not None:
         with _writing_lock:
             if key in _writing:
