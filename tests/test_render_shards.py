@@ -1,7 +1,6 @@
 """The sharded writer's contract: determinism across workers, checkpoints, resume, refusals, disk full."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 
@@ -11,7 +10,8 @@ import pytest
 from services.render.jobs import create_job, list_jobs
 from services.render.shards import RECORDS_DIR, publish_existing, record_key, run_sharded, shard_plan
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
-from shared.storage import FileEntry, LocalStore, open_store
+from shared.storage import FileEntry, open_store
+from tests.harness.stores import FullDisk
 
 
 class NoiseJob:
@@ -37,20 +37,6 @@ class NoiseJob:
 
     def estimate_bytes(self):
         return self.need_bytes if self.need_bytes is not None else self.total * self.width
-
-
-class FullDisk(LocalStore):
-    """A local store whose disk 'fills up' after ``budget`` bytes: writes then fail with ENOSPC."""
-
-    def __init__(self, root, budget):
-        super().__init__(root)
-        self.budget = budget
-
-    def _write_bytes(self, key, data):
-        if len(data) > self.budget:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.budget -= len(data)
-        super()._write_bytes(key, data)
 
 
 def dataset_bytes(store, prefix):

@@ -2,7 +2,6 @@
 the camera parameters, determinism, kill -9 + resume, and a disk that fills up."""
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -19,7 +18,8 @@ from services.render.shards import RECORDS_DIR, run_sharded
 from services.render.trajectories import CLASSES, TrajectoryJob, camera_rig
 from shared.data.trajectories import TrajectoryShards, split_shards
 from shared.errors import IntegrityError, ResourceExhausted
-from shared.storage import LocalStore, open_store
+from shared.storage import open_store
+from tests.harness.stores import FullDisk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,20 +168,6 @@ def test_kill_dash_nine_then_resume_equals_uninterrupted_run(tmp_path):
     assert {k: v for k, v in files_a.items() if k != "metadata.json"} == \
         {k: v for k, v in files_b.items() if k != "metadata.json"}
     assert bytes_a == bytes_b and len(bytes_a) == 32
-
-
-class FullDisk(LocalStore):
-    """A local store that runs out of space after ``budget`` bytes (ENOSPC, like a full disk)."""
-
-    def __init__(self, root, budget):
-        super().__init__(root)
-        self.budget = budget
-
-    def _write_bytes(self, key, data):
-        if len(data) > self.budget:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.budget -= len(data)
-        super()._write_bytes(key, data)
 
 
 def test_disk_full_stops_cleanly_and_resume_finishes(tmp_path):
