@@ -6,11 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-from tests.harness.process import HOST, ManagedProcess, free_port, http_probe
+from tests.harness.process import HOST, HarnessServer, ManagedProcess, free_port, http_probe
 from tests.harness.seaweed import SeaweedServer
 
 
-class MlflowServer:
+class MlflowServer(HarnessServer):
     """``mlflow server`` on a fixed loopback port; ``restart()`` keeps port, database and artifacts."""
 
     def __init__(
@@ -69,15 +69,11 @@ class MlflowServer:
         )
 
     def start(self) -> "MlflowServer":
+        # One attempt, not HarnessServer's retries on fresh ports: the port is fixed so restart() keeps it.
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.s3.make_bucket(self.bucket)
         self.process = self._make_process().start()
         return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
 
     def restart(self) -> "MlflowServer":
         """Stop and start again on the same port (the tracking tests kill it mid-run)."""
@@ -86,9 +82,3 @@ class MlflowServer:
 
     def running(self) -> bool:
         return self.process is not None and self.process.running()
-
-    def __enter__(self) -> "MlflowServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Self, Sequence
 
 HOST = "127.0.0.1"
 
@@ -189,3 +189,30 @@ def start_with_retries(make: Callable[[], ManagedProcess], attempts: int = 3) ->
             proc.stop()
             last = exc
     raise last  # type: ignore[misc]
+
+
+class HarnessServer:
+    """A real server the suite runs as one ManagedProcess in ``workdir``. Subclasses build the process
+    in ``_make_process``, picking fresh ports each call, so that ``start`` can retry a lost port race."""
+
+    workdir: Path
+    process: ManagedProcess | None = None
+
+    def _make_process(self) -> ManagedProcess:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = start_with_retries(self._make_process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import yaml
 
-from tests.harness.process import HOST, ManagedProcess, free_port, http_probe, start_with_retries
+from tests.harness.process import HOST, HarnessServer, ManagedProcess, free_port, http_probe, start_with_retries
 
 SCRAPE_INTERVAL = "1s"
 
@@ -26,7 +26,7 @@ def prometheus_binary() -> str:
     return found
 
 
-class PrometheusServer:
+class PrometheusServer(HarnessServer):
     def __init__(self, workdir: str | Path, targets: Iterable[str], job: str = "trainyard"):
         self.workdir = Path(workdir)
         self.targets = list(targets)
@@ -71,16 +71,6 @@ class PrometheusServer:
             stop_grace=5,
         )
 
-    def start(self) -> "PrometheusServer":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = start_with_retries(self._make_process)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-
     def query(self, promql: str) -> list[dict]:
         """Instant query through the HTTP API; returns ``data.result`` (one dict per series)."""
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
@@ -108,12 +98,6 @@ class PrometheusServer:
     def targets_health(self) -> list[dict]:
         with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=5) as resp:
             return json.load(resp)["data"]["activeTargets"]
-
-    def __enter__(self) -> "PrometheusServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def start_pushgateway(log_dir: Path) -> tuple[ManagedProcess, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from minio import Minio
 
-from tests.harness.process import HOST, ManagedProcess, free_ports, start_with_retries, tcp_probe
+from tests.harness.process import HOST, HarnessServer, ManagedProcess, free_ports, tcp_probe
 
 
 def weed_binary() -> str:
@@ -25,7 +25,7 @@ def weed_binary() -> str:
     return found
 
 
-class SeaweedServer:
+class SeaweedServer(HarnessServer):
     """master + volume + filer + S3 gateway in one `weed server` process, all on loopback."""
 
     def __init__(
@@ -155,19 +155,3 @@ class SeaweedServer:
                 resp.release_conn()
         except Exception:  # any failure just means "not ready yet"; the deadline bounds the wait
             return False
-
-    def start(self) -> "SeaweedServer":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = start_with_retries(self._make_process)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-
-    def __enter__(self) -> "SeaweedServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
