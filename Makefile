@@ -34,13 +34,13 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
 
 demo: install
-	$(PY) -m shared.demo
+	$(PY) -m cli.demo
 
 bench: install
 	$(PY) -m bench
 
 lint: install
-	$(VENV)/bin/ruff check shared services tests bench
+	$(VENV)/bin/ruff check cli shared services tests bench
 	$(VENV)/bin/hadolint services/*/Dockerfile
 
 up: install

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python -m bench.bench_flops``. Exits non-zero when a model misses the 3% bar, so the
 table doubles as a check. Also prints what torch's stock FlopCounterMode alone would report, to show why
-services.benchmark.measure adds CPU attention and norm layers to the count.
+shared.benchmark.flops adds CPU attention and norm layers to the count.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from services.benchmark.measure import FLOPS_CONVENTION, count_flops, counted_ops
+from shared.benchmark.flops import FLOPS_CONVENTION, count_flops, counted_ops
 from shared.models import create_model
 
 # timm's published GMACs at 224x224 (fvcore's count) and parameter counts. The five torchvision

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from safetensors.torch import save  # noqa: E402
 
 from services.inference.repository import default_threads  # noqa: E402
-from services.train.export import load_exported, make_card, publish_model  # noqa: E402
 from shared.grpc_client import channel, wait_serving  # noqa: E402
+from shared.modelcard import ModelCard, load_published, publish_model  # noqa: E402
 from shared.models import create_model  # noqa: E402
 from shared.pb import inference_pb2 as pb  # noqa: E402
 from shared.pb import inference_pb2_grpc  # noqa: E402
@@ -42,10 +42,10 @@ def publish(store, name: str, arch: str, in_chans: int, size: int, num_classes: 
     torch.manual_seed(0)
     kwargs = {"num_classes": num_classes, "in_chans": in_chans}
     model = create_model(arch, **kwargs).eval()
-    card = make_card(name=name, version=0, architecture=arch, model_kwargs=kwargs,
+    card = ModelCard(name=name, version=0, architecture=arch, model_kwargs=kwargs,
                      classes=[f"c{i}" for i in range(num_classes)], input_size=[in_chans, size, size],
-                     mean=[0.5] * in_chans, std=[0.25] * in_chans, metrics={}, run_id="bench")
-    publish_model(store, name, save(model.state_dict()), card)
+                     normalization={"mean": [0.5] * in_chans, "std": [0.25] * in_chans}, run_id="bench")
+    publish_model(store, card, save(model.state_dict()))
 
 
 def free_port() -> int:
@@ -69,7 +69,7 @@ class Server:
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         wait_serving(self.address, deadline_s=300)
         return self
 
@@ -111,8 +111,8 @@ def on_worker_thread(fn):
 
 def overhead(store, store_url: str, name: str, threads: int, batch: int, min_seconds: float, rounds: int,
              log: Path) -> float:
-    model, card = load_exported(store, name)
-    c, h, w = card["input_size"]
+    model, card = load_published(store, name)
+    c, h, w = card.input_size
     x = torch.randn(batch, c, h, w)
 
     def in_process() -> None:

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.train.config import parse_train_config  # noqa: E402
-from services.train.engine import Engine, synthetic_digits  # noqa: E402
+from services.train.engine import Engine  # noqa: E402
+from shared.data import synthetic_digits  # noqa: E402
 from shared.models import create_model  # noqa: E402
 from shared.storage import open_store  # noqa: E402
 

@@ -4,7 +4,7 @@ both speak it."""
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from shared.errors import InvalidArgument
 

@@ -9,12 +9,13 @@ a graceful shutdown on SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,10 +46,8 @@ def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_res
     def _start(context: grpc.ServicerContext) -> str:
         rid = dict(context.invocation_metadata()).get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
         logs.request_id.set(rid)
-        try:
+        with contextlib.suppress(ValueError):  # metadata already sent by the handler
             context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
-        except ValueError:  # metadata already sent by the handler
-            pass
         return rid
 
     def _fail(exc: BaseException, context: grpc.ServicerContext, rid: str) -> None:

@@ -5,14 +5,14 @@ against any server that exposes the same inputs/outputs; see ``services/inferenc
 inputs ``images`` (UINT8 NHWC), ``tensor`` (FP32 NCHW, preprocessed) or ``encoded`` (BYTES, image files);
 outputs ``probabilities`` (FP32) and ``labels`` (BYTES, top-k with the ``top_k`` parameter).
 
-``trainyard predict`` is ``cmd_predict``: image files and folders go out in batches of encoded files,
-so images of different sizes share a request and the server does the decoding and resizing.
+``classify_files`` sends image files and folders in batches of encoded files, so images of different sizes
+share a request and the server does the decoding and resizing (``trainyard predict`` is built on it).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -86,7 +86,7 @@ class InferenceClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "InferenceClient":
+    def __enter__(self) -> InferenceClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -240,23 +240,3 @@ def expand_image_paths(paths: Iterable[str | Path]) -> list[Path]:
     if not out:
         raise errors.InvalidArgument(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
     return out
-
-
-def format_predictions(predictions: Sequence[Prediction]) -> str:
-    """One line per image: the source, then each label with its confidence, best first."""
-    if not predictions:
-        return ""
-    head = f"model {predictions[0].model} version {predictions[0].version}: {len(predictions)} image(s)"
-    width = max(len(p.source) for p in predictions)
-    lines = [head]
-    for p in predictions:
-        lines.append(f"{p.source:<{width}}  " + "  ".join(f"{label} {conf:.4f}" for label, conf in p.top))
-    return "\n".join(lines)
-
-
-def cmd_predict(server: str, model: str, version: str | int | None, paths: Sequence[str], top_k: int = 5,
-                batch_size: int = 32) -> str:
-    """`trainyard predict --server ADDR --model NAME [--version V] IMAGE|FOLDER...` -> printable text."""
-    with InferenceClient(server) as client:
-        return format_predictions(client.classify_files(model, paths, version=version, top_k=top_k,
-                                                        batch_size=batch_size))

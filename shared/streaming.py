@@ -1,72 +1,105 @@
-"""Turn a long call with a progress callback into a stream, for server-streaming progress RPCs."""
+"""Long work behind a server-streaming progress RPC: one helper for every streaming servicer.
+
+``StreamedJob(work, stage=..., output=...)`` starts ``work(report)`` in a thread at once; iterating the
+job yields each ``JobProgress`` the work reports, then one ``JobDone`` with its result. ``job.progress()``
+builds the ``trainyard.v1.Progress`` message with the job's id, stage and elapsed time filled in.
+"""
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from shared.errors import FailedPrecondition
+from shared.pb import common_pb2
 from shared.storage import split_location
 
-_DONE = object()
 
-# Output location -> job id of the work writing it. Work outlives its stream (see stream_progress), so
+@dataclass(frozen=True)
+class JobProgress:
+    """What work reports while it runs; ``item`` carries a finished piece the stream passes on."""
+
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    item: Any = None
+
+
+@dataclass(frozen=True)
+class JobDone:
+    result: Any
+
+
+Report = Callable[[JobProgress], None]
+
+# Output location -> job id of the work writing it. Work outlives its stream (see StreamedJob), so
 # a client that reconnects and asks again must not start a second writer on the same shards.
 _writing: dict[str, str] = {}
 _writing_lock = threading.Lock()
+_DONE = object()
 
 
-def stream_progress(work: Callable[[Callable[..., None]], Any], poll_s: float = 0.5,
-                    is_active: Callable[[], bool] = lambda: True, output: str | None = None,
-                    job_id: str = "") -> Iterator[tuple[str, Any]]:
-    """Start ``work(report)`` in a thread now; the returned iterator yields ("progress", args) per
-    ``report(*args)``, then ("done", result).
+class StreamedJob:
+    """Runs ``work(report)`` in a thread; iterate it for the events, in the caller's thread.
 
-    An exception in ``work`` is re-raised by the iterator, in the caller's thread, so the RPC's error
-    mapping sees it. A caller that goes away stops the stream, not the work: renders and conversions are
+    An exception in ``work`` is re-raised by the iterator, so the RPC's error mapping sees it. A caller
+    that goes away (``is_active`` turns false) stops the stream, not the work: renders and conversions are
     resumable, and half-stopping one would leave less than its shards already give. ``output`` names the
-    location the work writes: while it runs, a second call for the same output raises FailedPrecondition
+    location the work writes: while it runs, a second job for the same output raises FailedPrecondition
     here, before anything starts.
     """
-    # split_location spells one location one way: file:// or not, trailing slash or not, relative or not.
-    key = "/".join(split_location(output)) if output else None
-    if key is not None:
-        with _writing_lock:
-            if key in _writing:
-                raise FailedPrecondition(
-                    f"{output} is being written by job {_writing[key]} already; wait for it to finish, "
-                    "then ask again (with resume to continue it)")
-            _writing[key] = job_id or "?"
-    events: queue.Queue = queue.Queue()
-    outcome: dict[str, Any] = {}
 
-    def run() -> None:
+    def __init__(self, work: Callable[[Report], Any], *, stage: str, output: str | None = None,
+                 is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.5):
+        self.job_id = uuid.uuid4().hex[:12]
+        self.stage = stage
+        self._is_active = is_active
+        self._poll_s = poll_s
+        self._started = time.monotonic()
+        self._events: queue.Queue = queue.Queue()
+        self._outcome: dict[str, Any] = {}
+        # split_location spells one location one way: file:// or not, trailing slash or not, relative or not.
+        self._key = "/".join(split_location(output)) if output else None
+        if self._key is not None:
+            with _writing_lock:
+                if self._key in _writing:
+                    raise FailedPrecondition(
+                        f"{output} is being written by job {_writing[self._key]} already; wait for it to finish, "
+                        "then ask again (with resume to continue it)")
+                _writing[self._key] = self.job_id
+        threading.Thread(target=self._run, args=(work,), name=f"job-{self.job_id}", daemon=True).start()
+
+    def _run(self, work: Callable[[Report], Any]) -> None:
         try:
-            outcome["result"] = work(lambda *args: events.put(args))
+            self._outcome["result"] = work(self._events.put)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
-            outcome["error"] = exc
+            self._outcome["error"] = exc
         finally:
-            if key is not None:
+            if self._key is not None:
                 with _writing_lock:
-                    _writing.pop(key, None)
-        events.put(_DONE)
+                    _writing.pop(self._key, None)
+        self._events.put(_DONE)
 
-    threading.Thread(target=run, name="progress-work", daemon=True).start()
-    return _drain(events, outcome, poll_s, is_active)
+    def __iter__(self) -> Iterator[JobProgress | JobDone]:
+        while True:
+            try:
+                item = self._events.get(timeout=self._poll_s)
+            except queue.Empty:
+                if not self._is_active():
+                    return
+                continue
+            if item is _DONE:
+                break
+            yield item
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        yield JobDone(self._outcome.get("result"))
 
-
-def _drain(events: queue.Queue, outcome: dict[str, Any], poll_s: float,
-           is_active: Callable[[], bool]) -> Iterator[tuple[str, Any]]:
-    while True:
-        try:
-            item = events.get(timeout=poll_s)
-        except queue.Empty:
-            if not is_active():
-                return
-            continue
-        if item is _DONE:
-            break
-        yield "progress", item
-    if "error" in outcome:
-        raise outcome["error"]
-    yield "done", outcome.get("result")
+    def progress(self, state: str = "running", stage: str | None = None, **fields: Any) -> common_pb2.Progress:
+        """The stream's message: this job's id, ``stage`` (default the job's) and elapsed time, plus ``fields``."""
+        return common_pb2.Progress(job_id=self.job_id, state=state, stage=stage or self.stage,
+                                   elapsed_seconds=time.monotonic() - self._started, **fields)

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
-# `tests.harness` must import under plain `pytest` too, not only `python -m pytest`.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.harness import MlflowServer, PrometheusServer, SeaweedServer  # noqa: E402
+from tests.harness import MlflowServer, PrometheusServer, SeaweedServer
 
 # The suite runs offline; MLflow's telemetry client failing to start has surfaced as
 # KeyError('_MLFLOW_TELEMETRY_SESSION_ID') from ordinary tracking calls.
@@ -75,3 +68,19 @@ def pushgateway(tmp_path):
     proc, address = start_pushgateway(tmp_path)
     yield address
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def kustomized() -> list[dict]:
+    """Every object `kubectl kustomize k8s/` builds."""
+    from tests.harness.kube import kustomize_build
+
+    return kustomize_build()
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, list[dict]]:
+    """The Helm chart's objects for the default, gpu and cpu values."""
+    from tests.harness.kube import render_variants
+
+    return render_variants()

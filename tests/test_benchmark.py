@@ -13,21 +13,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.bench_flops import PUBLISHED, TOLERANCE
-from services.benchmark.hardware import fingerprint
-from services.benchmark.measure import (
-    BUSY_CPU_SHARE,
-    PeakAnonRss,
-    anon_rss_bytes,
-    count_flops,
-    prepare_inputs,
-    quantize_int8,
-    state_dict_bytes,
-    top1,
-)
+from cli.bench import parse_int_list
+from cli.models import parse_input_size
 from services.benchmark.report import LOG_COLUMNS, write_tables
-from services.benchmark.runner import make_request, parse_int_list, parse_shape, run_benchmarks
+from services.benchmark.runner import make_request, run_benchmarks
+from shared.benchmark.flops import count_flops
+from shared.benchmark.hardware import fingerprint
+from shared.benchmark.measure import BUSY_CPU_SHARE, state_dict_bytes, top1
+from shared.benchmark.memory import PeakAnonRss, anon_rss_bytes
 from shared.errors import InvalidArgument
 from shared.models import create_model
+from shared.preprocess import Preprocessor
+from shared.quantize import quantize_int8
 
 # Factories a spec can name as "module:function"; the measuring subprocess imports them from PYTHONPATH.
 TEST_MODELS = textwrap.dedent('''
@@ -128,14 +125,75 @@ def test_int8_shrinks_linears_and_leaves_convs():
     assert (qmha(q, q, q)[0] - mha(q, q, q)[0]).abs().max() < 0.05
 
 
+def publish_to_store(tmp_path, monkeypatch, name: str, arch: str, seed: int, classes: list[str],
+                     input_size: list[int], mean: list[float], std: list[float]):
+    """A seeded ``arch`` published as ``models/<name>/1`` in a local store that TRAINYARD_STORE points at."""
+    from safetensors.torch import save
+
+    from shared.modelcard import ModelCard, publish_model
+    from shared.storage import open_store
+
+    url = f"file://{tmp_path / 'store'}"
+    monkeypatch.setenv("TRAINYARD_STORE", url)
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": len(classes), "in_chans": input_size[0]}
+    model = create_model(arch, **kwargs).eval()
+    card = ModelCard(name=name, version=1, architecture=arch, model_kwargs=kwargs, classes=classes,
+                     input_size=input_size, normalization={"mean": mean, "std": std}, run_id="test")
+    publish_model(open_store(url), card, save(dict(model.state_dict())))
+    return model, card
+
+
+def _same(a, b) -> bool:
+    """Equal values, down to the int8 weights and their quantisation parameters."""
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        if a.is_quantized:
+            return (b.is_quantized and torch.equal(a.int_repr(), b.int_repr()) and a.q_scale() == b.q_scale()
+                    and a.q_zero_point() == b.q_zero_point())
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_int8_model_benchmarked_is_the_one_served(tmp_path, monkeypatch):
+    """`trainyard bench` and `inference --quantize` build the int8 model through the same code: same weights,
+    same outputs on the same batch, and timm's Linear classifier is int8 in both."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+    from services.inference.repository import ModelRepository
+    from shared.benchmark.measure import MeasureSpec, import_builder
+    from shared.storage import open_store
+
+    publish_to_store(tmp_path, monkeypatch, "q8", "mobilenetv3_small_050", 3, list("abcd"), [3, 32, 32],
+                     [0.5] * 3, [0.25] * 3)
+    url = f"file://{tmp_path / 'store'}"
+
+    measured, _, _ = import_builder(MeasureSpec(model="store:models/q8/1"))()
+    benched, layers = quantize_int8(measured.eval())
+    repository = ModelRepository(open_store(url), quantize=True)
+    try:
+        served = repository.load("q8").module
+        assert layers >= 1 and isinstance(served.classifier, DynLinear) and isinstance(benched.classifier, DynLinear)
+        bench_state, served_state = benched.state_dict(), served.state_dict()
+        assert bench_state.keys() == served_state.keys()
+        for key, value in bench_state.items():
+            assert _same(value, served_state[key]), key
+        x = torch.randn(8, 3, 32, 32)
+        with torch.inference_mode():
+            assert torch.equal(benched(x), served(x))
+    finally:
+        repository.close()
+
+
 def test_request_validation():
     with pytest.raises(InvalidArgument, match="batch_sizes"):
         make_request(models=["resnet50"], batch_sizes=[0])
     with pytest.raises(InvalidArgument, match="models"):
         make_request(models=[])
-    assert parse_shape("3x224x224") == (3, 224, 224)
+    assert parse_input_size("3x224x224") == (3, 224, 224)
     with pytest.raises(InvalidArgument):
-        parse_shape("3x224")
+        parse_input_size("3x224")
     assert parse_int_list("1, 32") == [1, 32]
     assert make_request(models=["a"], batch_sizes=[32, 1, 32]).batch_sizes == [1, 32]
 
@@ -165,21 +223,8 @@ def mnist_dir(tmp_path):
 @pytest.fixture
 def exported_model(tmp_path, monkeypatch):
     """mnist_ultralight published to a local store as models/ultra/1; returns (model, card)."""
-    from safetensors.torch import save
-
-    from services.train.export import make_card, publish_model
-    from shared.storage import open_store
-
-    url = f"file://{tmp_path / 'store'}"
-    monkeypatch.setenv("TRAINYARD_STORE", url)
-    torch.manual_seed(1)
-    kwargs = {"num_classes": 10, "in_chans": 1}
-    model = create_model("mnist_ultralight", **kwargs).eval()
-    card = make_card(name="ultra", version=1, architecture="mnist_ultralight", model_kwargs=kwargs,
-                     classes=[str(i) for i in range(10)], input_size=[1, 28, 28], mean=[0.1307], std=[0.3081],
-                     metrics={}, run_id="test")
-    publish_model(open_store(url), "ultra", save(dict(model.state_dict())), card)
-    return model, card
+    return publish_to_store(tmp_path, monkeypatch, "ultra", "mnist_ultralight", 1, [str(i) for i in range(10)],
+                            [1, 28, 28], [0.1307], [0.3081])
 
 
 def test_run_benchmarks_end_to_end(tmp_path, monkeypatch, mlflow_server, mnist_dir):
@@ -267,7 +312,7 @@ def test_exported_model_from_store(mnist_dir, exported_model):
 
     model, card = exported_model
     test = read_mnist(mnist_dir)[1]
-    x = prepare_inputs(test.images, (1, 28, 28), card["normalization"])
+    x = Preprocessor.from_card(card)(test.images)
     assert stored.accuracy_samples == 200
     assert stored.accuracy_fp32 == pytest.approx(top1(model, x, test.labels), abs=0.5)
     assert stored.accuracy_delta == pytest.approx(stored.accuracy_int8 - stored.accuracy_fp32)

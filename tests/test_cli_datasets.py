@@ -29,7 +29,7 @@ def env(tmp_path) -> dict[str, str]:
 
 
 def cli(env, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -102,7 +102,7 @@ def test_resume_after_sigkill_keeps_finished_shards_and_publishes(env, tmp_path)
     out = tmp_path / "traj"
     args = ["render", "trajectories", "--out", str(out), "--count", "400", "--shard-size", "10", "--seed", "9",
             "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *args, "--workers", "1"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--workers", "1"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 90

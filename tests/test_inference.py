@@ -20,14 +20,15 @@ from safetensors.torch import save
 
 from services.inference.repository import ModelRepository
 from services.inference.server import start_server
-from services.train.engine import Normalizer, synthetic_digits
-from services.train.export import load_exported, make_card, publish_model
 from shared.bytes_tensor import deserialize_bytes_tensor, serialize_bytes_tensor
+from shared.data import synthetic_digits
 from shared.errors import InvalidArgument
 from shared.grpc_client import channel, health_status, wait_serving
+from shared.modelcard import ModelCard, load_published, publish_model
 from shared.models import create_model
 from shared.pb import inference_pb2 as pb
 from shared.pb import inference_pb2_grpc
+from shared.preprocess import Normalizer
 from shared.storage import open_store
 from tests.harness import ManagedProcess, free_ports, tcp_probe
 
@@ -43,17 +44,17 @@ def publish_random(store, name: str, seed: int, *, in_chans: int = 1, size: int 
     torch.manual_seed(seed)
     kwargs = {"num_classes": len(classes), "in_chans": in_chans, "gap_head": True}
     model = create_model("mnist_ultralight", **kwargs)
-    card = make_card(name=name, version=0, architecture="mnist_ultralight", model_kwargs=kwargs, classes=classes,
-                     input_size=[in_chans, size, size], mean=mean or MNIST_MEAN * in_chans,
-                     std=std or MNIST_STD * in_chans, metrics={}, run_id=f"seed-{seed}")
-    version, _ = publish_model(store, name, save(model.state_dict()), card)
+    card = ModelCard(name=name, version=0, architecture="mnist_ultralight", model_kwargs=kwargs, classes=classes,
+                     input_size=[in_chans, size, size], run_id=f"seed-{seed}",
+                     normalization={"mean": mean or MNIST_MEAN * in_chans, "std": std or MNIST_STD * in_chans})
+    version, _ = publish_model(store, card, save(model.state_dict()))
     return version
 
 
 def reference_probs(store, name: str, version: int, images_nchw_u8: torch.Tensor) -> np.ndarray:
     """In-process: the exported model on the engine's own normalisation, no server code involved."""
-    model, card = load_exported(store, name, version)
-    norm = Normalizer(card["normalization"]["mean"], card["normalization"]["std"], torch.device("cpu"))
+    model, card = load_published(store, name, version)
+    norm = Normalizer(card.normalization.mean, card.normalization.std, torch.device("cpu"))
     with torch.inference_mode():
         return torch.softmax(model(norm(images_nchw_u8)), dim=1).numpy()
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cli.predict import cmd_predict
 from services.inference.repository import ModelRepository
 from services.inference.server import start_server
 from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.grpc_client import wait_serving
-from shared.inference_client import InferenceClient, cmd_predict, expand_image_paths
+from shared.inference_client import InferenceClient, expand_image_paths
 from shared.storage import open_store
 from tests.harness import free_ports
 from tests.test_inference import RGB_CLASSES, digits_nhwc, metric, publish_random, reference_probs, scrape
@@ -77,9 +78,8 @@ def test_infer_and_versions_and_repository(server):
             client.classify("no-such-model", [rgb[0]])
         with pytest.raises(InvalidArgument, match="uint8"):
             client.classify("client-rgb", [rgb[0].astype(np.float32)])
-    with InferenceClient("127.0.0.1:1", timeout=2) as dead:
-        with pytest.raises(Unavailable, match="127.0.0.1:1"):
-            dead.server_live()
+    with InferenceClient("127.0.0.1:1", timeout=2) as dead, pytest.raises(Unavailable, match="127.0.0.1:1"):
+        dead.server_live()
 
 
 def test_cmd_predict_on_a_folder_of_pngs(server, tmp_path):

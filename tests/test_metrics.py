@@ -51,10 +51,9 @@ def test_server_metrics_scraped_by_prometheus(prometheus_factory):
 def test_in_flight_drops_on_exception():
     registry = CollectorRegistry()
     metrics = ServerMetrics("convert", registry)
-    with pytest.raises(ValueError):
-        with metrics.in_flight("Convert"):
-            assert registry.get_sample_value("trainyard_grpc_requests_in_flight", {"service": "convert"}) == 1
-            raise ValueError("bad input")
+    with pytest.raises(ValueError), metrics.in_flight("Convert"):
+        assert registry.get_sample_value("trainyard_grpc_requests_in_flight", {"service": "convert"}) == 1
+        raise ValueError("bad input")
     assert registry.get_sample_value("trainyard_grpc_requests_in_flight", {"service": "convert"}) == 0
 
 
@@ -87,9 +86,8 @@ def test_job_metrics_push_success_and_failure(pushgateway):
         jm.gauge("trainyard_render_models", "Models rendered.").set(11)
         failures = jm.counter("trainyard_render_failures", "Models that failed to render.", ("reason",))
         failures.labels("bad_sketch").inc(2)
-    with pytest.raises(RuntimeError):
-        with JobMetrics("render", {"shard": "1"}, gateway=pushgateway):
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), JobMetrics("render", {"shard": "1"}, gateway=pushgateway):
+        raise RuntimeError("disk full")
 
     samples = scrape(f"http://{pushgateway}/metrics")
     ok = (("instance", ""), ("job", "render"), ("shard", "0"))

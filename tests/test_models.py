@@ -5,11 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cli.models import cmd_models_list, cmd_models_summary
 from shared.errors import InvalidArgument, NotFound
 from shared.models import (
     backbone_stages,
-    cmd_models_list,
-    cmd_models_summary,
     count_params,
     create_model,
     freeze_backbone,

@@ -30,11 +30,11 @@ def test_logos_image_folder_layout_and_index(tmp_path):
             assert np.asarray(im).std() > 5  # something is drawn
     index = image_folder_from_store(store, "logos")
     assert index["classes"] == sorted(CLASSES)
-    assert index["splits"]["train"]["counts"] == {c: 3 for c in CLASSES}
-    assert index["splits"]["val"]["counts"] == {c: 1 for c in CLASSES}
+    assert index["splits"]["train"]["counts"] == dict.fromkeys(CLASSES, 3)
+    assert index["splits"]["val"]["counts"] == dict.fromkeys(CLASSES, 1)
     label_of = dict(map(tuple, index["splits"]["train"]["files"]))
     assert all(index["classes"][label] == rel.split("/")[1] for rel, label in label_of.items())
-    assert manifest.meta["splits"]["train"] == {c: 3 for c in CLASSES}
+    assert manifest.meta["splits"]["train"] == dict.fromkeys(CLASSES, 3)
     # The same folder on local disk indexes identically.
     local = image_folder_from_dir(store.root / "logos")
     assert local["splits"]["val"]["files"] == index["splits"]["val"]["files"]

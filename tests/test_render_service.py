@@ -14,11 +14,11 @@ import grpc
 import pytest
 from PIL import Image
 
+from services.render.server import RenderServiceServicer
 from shared.grpc_client import channel, health_status
 from shared.grpc_server import start
 from shared.pb import render_pb2, render_pb2_grpc
 from shared.storage import open_location
-from services.render.server import RenderServiceServicer
 
 # Small sets: the service layer is under test, the generators have their own unit tests.
 SYNTH_COUNT = 8

@@ -46,7 +46,7 @@ def test_shapes_labels_and_balance(small):
     assert set(labels) == {0, 1, 2, 3} and all(labels.count(c) == 10 for c in range(4))
     assert samples[0]["future_position"].dtype == torch.float32
     meta = small.read_manifest("ds").meta
-    assert meta["class_distribution"] == {name: 10 for name in CLASSES}
+    assert meta["class_distribution"] == dict.fromkeys(CLASSES, 10)
     assert meta["sample_shape"] == [4, 32, 3, 64, 64] and meta["num_samples"] == 40
     # Every frame shows something: a ball over a grid, not an empty or saturated image.
     frames = torch.stack([s["video"] for s in samples]).float()
@@ -140,10 +140,9 @@ def _dataset(store, prefix):
 
 
 def test_kill_dash_nine_then_resume_equals_uninterrupted_run(tmp_path):
-    params = ["--set", "total=256", "--set", "shard_size=16", "--set", "seed=11"]
-    cmd = [sys.executable, "-m", "services.render.trajectories", "--store", str(tmp_path / "killed"),
-           "--prefix", "ds", *params]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    cmd = [sys.executable, "-m", "cli", "render", "trajectories", "--out", str(tmp_path / "killed" / "ds"),
+           "--count", "256", "--shard-size", "16", "--seed", "11", "--no-progress"]
+    proc = subprocess.Popen([*cmd, "--workers", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     records = tmp_path / "killed/ds" / RECORDS_DIR
     deadline = time.monotonic() + 120

@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
+from cli.local_stack import SERVICES, down, up
 from shared.grpc_client import health_status
-from shared.local_stack import SERVICES, down, up
 from tests.harness.process import free_ports
 
 
@@ -31,7 +31,7 @@ def test_all_services_serve_health_and_metrics_and_stop_cleanly(stack, tmp_path)
         assert "trainyard_grpc_requests_total{" in body and "grpc.health.v1.Health/Check" in body, name
 
     env = {**os.environ, "TRAINYARD_HOME": str(tmp_path / "home")}
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "cli", "status"], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     for name in SERVICES:

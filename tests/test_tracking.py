@@ -191,21 +191,18 @@ def test_params_metrics_artifacts_read_back(mlflow_server, tmp_path):
 
 def test_failed_and_killed_status(mlflow_server):
     client = MlflowClient(mlflow_server.uri)
-    with pytest.raises(RuntimeError, match="diverged"):
-        with Tracker("tracking-status", tracking_uri=mlflow_server.uri) as t:
-            t.log_metrics({"loss": float("nan")}, step=0)
-            raise RuntimeError("loss diverged")
+    with pytest.raises(RuntimeError, match="diverged"), Tracker("tracking-status", tracking_uri=mlflow_server.uri) as t:
+        t.log_metrics({"loss": float("nan")}, step=0)
+        raise RuntimeError("loss diverged")
     failed = client.get_run(t.run_id)
     assert failed.info.status == "FAILED"
     assert failed.data.tags["error"] == "RuntimeError: loss diverged"
 
-    with pytest.raises(KeyboardInterrupt):
-        with Tracker("tracking-status", tracking_uri=mlflow_server.uri) as t2:
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), Tracker("tracking-status", tracking_uri=mlflow_server.uri) as t2:
+        raise KeyboardInterrupt
     assert client.get_run(t2.run_id).info.status == "KILLED"
-    with pytest.raises(Cancelled):
-        with Tracker("tracking-status", tracking_uri=mlflow_server.uri) as t3:
-            raise Cancelled("stopped by the user")
+    with pytest.raises(Cancelled), Tracker("tracking-status", tracking_uri=mlflow_server.uri) as t3:
+        raise Cancelled("stopped by the user")
     assert client.get_run(t3.run_id).info.status == "KILLED"
 
     with pytest.raises(NotFound):

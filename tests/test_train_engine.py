@@ -13,11 +13,14 @@ from safetensors.torch import load as st_load
 
 from services.train import checkpoint as ckpt
 from services.train.config import TrainConfig, load_train_config, parse_train_config
-from services.train.engine import Criterion, Engine, LRSchedule, classification_metrics, synthetic_digits
+from services.train.engine import Engine
+from services.train.engine.losses import Criterion
+from services.train.engine.optim import LRSchedule
 from services.train.events import events_key, read_events
-from services.train.export import list_versions, load_exported, model_prefix
-from shared.data import write_idx
+from shared.data import synthetic_digits, write_idx
 from shared.errors import IntegrityError, InvalidArgument, NotFound
+from shared.evaluation import classification_metrics
+from shared.modelcard import list_versions, load_published, model_prefix
 from shared.storage import open_store
 from tests.harness.prometheus import scrape
 
@@ -62,8 +65,9 @@ def home(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_validates(path):
-    from shared.models import is_registered
     import timm
+
+    from shared.models import is_registered
 
     cfg = load_train_config(path)
     assert cfg.epochs > 0 and cfg.batch_size > 0
@@ -220,17 +224,17 @@ def test_training_run_real_mlflow_s3_store(tmp_path, home, mlflow_server, s3_sto
 
     # The exported model, loaded back from S3, reproduces the recorded best accuracy on the test split.
     assert list_versions(store, "digits-test") == [1]
-    model, card = load_exported(store, "digits-test")
-    assert card["classes"] == [str(i) for i in range(10)] and card["input_size"] == [1, 28, 28]
+    model, card = load_published(store, "digits-test")
+    assert card.classes == [str(i) for i in range(10)] and card.input_size == [1, 28, 28]
     from shared.data import read_mnist
 
     _, test = read_mnist(data_dir)
-    mean, std = card["normalization"]["mean"][0], card["normalization"]["std"][0]
+    mean, std = card.normalization.mean[0], card.normalization.std[0]
     with torch.no_grad():
         pred = model((test.images.float() / 255 - mean) / std).argmax(1)
     acc = float((pred == test.labels).float().mean())
     best = max(h["val_acc"] for h in result.history)
-    assert acc == pytest.approx(best, abs=1e-6) and card["metrics"]["val_acc"] == pytest.approx(best)
+    assert acc == pytest.approx(best, abs=1e-6) and card.metrics["val_acc"] == pytest.approx(best)
 
     # Events: local file and the store copy agree; states and one record per epoch.
     events = read_events(home / "runs" / "engine-run-1" / "events.jsonl")
@@ -270,14 +274,14 @@ def test_load_exported_detects_corruption(home, tmp_path):
     Engine(cfg, "exp-1", store=store, tracking=False).run()
     Engine(cfg, "exp-2", store=store, tracking=False).run()
     assert list_versions(store, "engine-test") == [1, 2]
-    _, card = load_exported(store, "engine-test")
-    assert card["version"] == 2 and card["run_id"] == "exp-2"
+    _, card = load_published(store, "engine-test")
+    assert card.version == 2 and card.run_id == "exp-2"
     key = model_prefix("engine-test", 1) + "/model.safetensors"
     store.put_bytes(key, store.get_bytes(key)[:-4] + b"\0\0\0\0")
     with pytest.raises(IntegrityError):
-        load_exported(store, "engine-test", 1)
+        load_published(store, "engine-test", 1)
     with pytest.raises(NotFound):
-        load_exported(store, "no-such-model")
+        load_published(store, "no-such-model")
 
 
 def test_transfer_learning_unfreeze_schedule(home, tmp_path):

@@ -63,15 +63,18 @@ def test_submit_creates_exactly_the_built_job(kube, manager):
     assert view.state == "QUEUED"
 
 
+def unschedulable_pod(job: str, suffix: str) -> dict:
+    """A Pending pod of ``job`` that the scheduler cannot place (no free GPU)."""
+    return {"metadata": {"name": f"{job}-{suffix}", "labels": {"job-name": job}},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}}
+
+
 def test_job_and_pod_status_become_run_states(kube, manager, tmp_path):
     manager.submit(CONFIG, run_id="mnist-k8s-2")
     name = job_name("mnist-k8s-2")
-    kube.state.pods.append({
-        "metadata": {"name": f"{name}-abcde", "labels": {"job-name": name}},
-        "status": {"phase": "Pending", "conditions": [{
-            "type": "PodScheduled", "status": "False",
-            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
-    })
+    kube.state.pods.append(unschedulable_pod(name, "abcde"))
     pending = manager.get("mnist-k8s-2")
     assert pending.state == "QUEUED"
     kube.state.set_status(NS, name, {"active": 1})
@@ -95,12 +98,7 @@ def test_pending_reason_comes_from_the_pod(kube, manager):
     backend = manager.backends["kubernetes"]
     record = manager.submit(CONFIG, run_id="mnist-k8s-3").record
     name = job_name("mnist-k8s-3")
-    kube.state.pods.append({
-        "metadata": {"name": f"{name}-x", "labels": {"job-name": name}},
-        "status": {"phase": "Pending", "conditions": [{
-            "type": "PodScheduled", "status": "False",
-            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
-    })
+    kube.state.pods.append(unschedulable_pod(name, "x"))
     status = backend.status(record)
     assert status.phase == "pending" and "Insufficient nvidia.com/gpu" in status.message
     assert any(r.path == f"/api/v1/namespaces/{NS}/pods" and r.query["labelSelector"] == f"job-name={name}"

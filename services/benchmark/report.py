@@ -7,10 +7,10 @@ not be measured shows ``error: <reason>``, one that was not asked for shows ``-`
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from services.benchmark.measure import ModelResult
+from shared.benchmark.measure import ModelResult
 from shared.errors import InvalidArgument
 
 LOG_COLUMNS = ["Model", "Params (M)", "FLOPs (G)", "Latency (ms)", "Throughput (img/s)", "Peak Memory (MB)"]

@@ -4,23 +4,17 @@ Entry point for the CLI and the gRPC servicer: ``run_benchmarks(request, progres
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from services.benchmark.measure import MeasureSpec, ModelResult
+from shared.benchmark.measure import MeasureSpec, ModelResult, measure_in_subprocess
 from shared.errors import FailedPrecondition, InvalidArgument, TrainyardError
 from shared.logs import get_logger
 
 log = get_logger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # (done, total, model, result): called with result=None when a model starts and with its result after.
 Progress = Callable[[int, int, str, ModelResult | None], None]
@@ -95,25 +89,6 @@ def make_request(**fields: Any) -> BenchRequest:
         raise InvalidArgument(f"invalid benchmark request: {problems}") from exc
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """``"3x224x224"`` -> (3, 224, 224)."""
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError as exc:
-        raise InvalidArgument(f"input shape {text!r} is not of the form CxHxW") from exc
-    if len(dims) != 3 or min(dims) <= 0:
-        raise InvalidArgument(f"input shape {text!r} is not of the form CxHxW with positive sizes")
-    return dims  # type: ignore[return-value]
-
-
-def parse_int_list(text: str) -> list[int]:
-    """``"1,32"`` -> [1, 32]."""
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise InvalidArgument(f"{text!r} is not a comma-separated list of integers") from exc
-
-
 def resolve_device(device: str) -> str:
     import torch
 
@@ -132,38 +107,6 @@ def _spec(request: BenchRequest, model: str, device: str) -> MeasureSpec:
         threads=request.threads, device=device, quantize=request.quantize, dataset=request.dataset,
         dataset_limit=request.dataset_limit,
     )
-
-
-def _subprocess_env(threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    if threads:
-        # OpenMP reads this once at load; torch.set_num_threads in the child covers torch's own pool.
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def measure_in_subprocess(spec: MeasureSpec, timeout_s: float) -> ModelResult:
-    """Run ``services.benchmark.measure`` for one model in a fresh interpreter and read its result back."""
-    with tempfile.TemporaryDirectory(prefix="trainyard-bench-") as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(spec.model_dump_json())
-        cmd = [sys.executable, "-m", "services.benchmark.measure", str(spec_path), str(out_path)]
-        started = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_subprocess_env(spec.threads), capture_output=True,
-                                  text=True, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            return ModelResult(model=spec.model, device=spec.device,
-                               error=f"measurement timed out after {timeout_s:.0f} s",
-                               duration_s=time.perf_counter() - started)
-        if out_path.exists():
-            return ModelResult.model_validate_json(out_path.read_text())
-        # Killed (e.g. by the OOM killer) or crashed in native code before it could write a result.
-        tail = (proc.stderr or "").strip()[-2000:]
-        return ModelResult(model=spec.model, device=spec.device,
-                           error=f"measurement process exited with code {proc.returncode}: {tail}",
-                           duration_s=time.perf_counter() - started)
 
 
 def _metrics(result: ModelResult) -> dict[str, float]:

@@ -1,17 +1,14 @@
 """gRPC servicer of the benchmark service: thin, it delegates to services.benchmark.runner."""
 from __future__ import annotations
 
-import time
-import uuid
-
 import grpc
 
-from services.benchmark.measure import ModelResult
 from services.benchmark.runner import make_request, run_benchmarks
+from shared.benchmark.measure import ModelResult
 from shared.errors import InvalidArgument
 from shared.grpc_server import serve, service_arg_parser
 from shared.pb import benchmark_pb2, benchmark_pb2_grpc, common_pb2
-from shared.streaming import stream_progress
+from shared.streaming import JobProgress, StreamedJob
 
 _STAGE_ERRORS = {"latency": "latency_error", "throughput": "throughput_error", "memory": "memory_error",
                  "quantization": "quant_error", "accuracy": "accuracy_error", "tracking": "tracking_error"}
@@ -56,28 +53,27 @@ def request_from_proto(request: benchmark_pb2.BenchmarkRequest):
 class BenchmarkServiceServicer(benchmark_pb2_grpc.BenchmarkServiceServicer):
     def Benchmark(self, request, context):
         bench_request = request_from_proto(request)
-        job_id = uuid.uuid4().hex[:12]
-        start = time.monotonic()
         total = len(bench_request.models)
-        work = lambda report: run_benchmarks(bench_request, progress=report)  # noqa: E731
-        events = stream_progress(work, is_active=context.is_active, output=bench_request.out or None,
-                                 job_id=job_id)
-        yield benchmark_pb2.BenchmarkEvent(progress=common_pb2.Progress(
-            job_id=job_id, state="running", stage="measure", total=total))
-        for kind, item in events:
-            if kind == "progress":
-                done, _total, model, result = item
-                if result is not None:
-                    yield benchmark_pb2.BenchmarkEvent(result=to_proto(result))
-                yield benchmark_pb2.BenchmarkEvent(progress=common_pb2.Progress(
-                    job_id=job_id, state="running", stage="measure", done=done, total=total,
-                    message=f"{'measured' if result is not None else 'measuring'} {model}",
-                    elapsed_seconds=time.monotonic() - start))
+
+        def work(report):
+            def progress(done, _total, model, result):
+                verb = "measured" if result is not None else "measuring"
+                report(JobProgress(done, total, f"{verb} {model}", result))
+
+            return run_benchmarks(bench_request, progress=progress)
+
+        job = StreamedJob(work, stage="measure", output=bench_request.out or None, is_active=context.is_active)
+        yield benchmark_pb2.BenchmarkEvent(progress=job.progress(total=total))
+        for event in job:
+            if isinstance(event, JobProgress):
+                if event.item is not None:
+                    yield benchmark_pb2.BenchmarkEvent(result=to_proto(event.item))
+                yield benchmark_pb2.BenchmarkEvent(progress=job.progress(done=event.done, total=total,
+                                                                         message=event.message))
             else:
-                failed = [r for r in item if r.error]
-                yield benchmark_pb2.BenchmarkEvent(progress=common_pb2.Progress(
-                    job_id=job_id, state="succeeded", stage="report", done=total, total=total, failed=len(failed),
-                    elapsed_seconds=time.monotonic() - start,
+                failed = [r for r in event.result if r.error]
+                yield benchmark_pb2.BenchmarkEvent(progress=job.progress(
+                    "succeeded", "report", done=total, total=total, failed=len(failed),
                     outputs={"table": bench_request.out} if bench_request.out else {},
                     failures=[common_pb2.ItemFailure(item=r.model, reason=r.error) for r in failed]))
 

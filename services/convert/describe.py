@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from services.render.cad.deepcad import Arc, CadModel, Circle, Extrude, Line, Loop, Sketch, parse_cad
+from shared.cad.deepcad import Arc, CadModel, Circle, Extrude, Line, Loop, Sketch, parse_cad
 
 POLYGON_NAMES = {5: "pentagon", 6: "hexagon", 7: "heptagon", 8: "octagon", 9: "nonagon", 10: "decagon"}
 AXES = ("X", "Y", "Z")

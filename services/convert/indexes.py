@@ -9,14 +9,13 @@ directory, and are published with ``publish_index`` as ``<out_prefix>/index.json
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from shared.errors import InvalidArgument, TrainyardError
-from shared.storage import ArtifactStore, Manifest, open_store
+from shared.errors import InvalidArgument
+from shared.storage import ArtifactStore, Manifest, open_location
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 INDEX_NAME = "index.json"
@@ -43,7 +42,7 @@ def image_folder_index(paths: Iterable[str], source: str = "") -> dict[str, Any]
     label = {cls: i for i, cls in enumerate(classes)}
     splits = {}
     for split, items in sorted(by_split.items()):
-        counts = {cls: 0 for cls in classes}
+        counts = dict.fromkeys(classes, 0)
         for _, cls in items:
             counts[cls] += 1
         splits[split] = {"total": len(items), "counts": counts,
@@ -81,34 +80,12 @@ def publish_index(store: ArtifactStore, out_prefix: str, index: dict[str, Any]) 
     return store.publish(out_prefix, {INDEX_NAME: data}, meta=meta)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.convert.indexes")
-    parser.add_argument("type", choices=["image-folder", "trajectories"])
-    parser.add_argument("--store", default=None, help="store URL or directory (default: TRAINYARD_STORE)")
-    parser.add_argument("--prefix", help="published dataset prefix in the store")
-    parser.add_argument("--dir", help="local image folder (image-folder only), instead of --prefix")
-    parser.add_argument("--out-prefix", help="publish the index here (default: print it)")
-    args = parser.parse_args(argv)
-    try:
-        store = open_store(args.store)
-        if args.type == "image-folder" and args.dir:
-            index = image_folder_from_dir(args.dir)
-        elif not args.prefix:
-            raise InvalidArgument("--prefix is required (or --dir for a local image folder)")
-        elif args.type == "image-folder":
-            index = image_folder_from_store(store, args.prefix)
-        else:
-            index = trajectory_from_store(store, args.prefix)
-        if args.out_prefix:
-            publish_index(store, args.out_prefix, index)
-            print(json.dumps({"index": f"{args.out_prefix}/{INDEX_NAME}"}))
-        else:
-            print(json.dumps(index, indent=1, sort_keys=True))
-    except TrainyardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def index_dataset(kind: str, path: str, out: str = "") -> tuple[str, dict[str, Any]]:
+    """Index the published dataset at ``path`` and publish the index at ``out`` (default ``<path>-index``);
+    ``kind`` is "image-folder" or "trajectories". Returns (where the index went, the index)."""
+    store, prefix = open_location(path)
+    index = image_folder_from_store(store, prefix) if kind == "image-folder" else trajectory_from_store(store, prefix)
+    out = out or f"{path.rstrip('/')}-index"
+    out_store, out_prefix = open_location(out)
+    publish_index(out_store, out_prefix, index)
+    return out, index

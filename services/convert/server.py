@@ -2,49 +2,33 @@
 from __future__ import annotations
 
 import json
-import time
-import uuid
 
 import grpc
 
-from services.convert.indexes import (image_folder_from_store, publish_index, trajectory_from_store)
+from services.convert.indexes import index_dataset
 from services.convert.tinyllava import convert_tinyllava
 from services.convert.validate import validate_tinyllava
 from shared.errors import InvalidArgument
 from shared.grpc_server import serve, service_arg_parser
-from shared.pb import common_pb2, convert_pb2, convert_pb2_grpc
-from shared.storage import open_location
-from shared.streaming import stream_progress
-
-
-def index_dataset(kind: str, path: str, out: str = "") -> tuple[str, dict]:
-    """Index a published dataset and publish the index at ``out`` (default ``<path>-index``)."""
-    store, prefix = open_location(path)
-    index = image_folder_from_store(store, prefix) if kind == "image-folder" else trajectory_from_store(store, prefix)
-    out = out or f"{path.rstrip('/')}-index"
-    out_store, out_prefix = open_location(out)
-    publish_index(out_store, out_prefix, index)
-    return out, index
+from shared.pb import convert_pb2, convert_pb2_grpc
+from shared.streaming import JobDone, StreamedJob
 
 
 class ConvertServiceServicer(convert_pb2_grpc.ConvertServiceServicer):
     def ToTinyLlava(self, request, context):
         if not (request.cad_json and request.images and request.out):
             raise InvalidArgument("ToTinyLlava needs cad_json, images and out")
-        job_id = uuid.uuid4().hex[:12]
-        start = time.monotonic()
-        work = lambda _report: convert_tinyllava(  # noqa: E731 - one call, its progress is start and end
+        job = StreamedJob(lambda _report: convert_tinyllava(  # one call: its progress is its start and end
             request.cad_json, request.images, request.out, split_file=request.split_file or None,
-            seed=request.seed, val_fraction=request.val_fraction or 0.1)
-        events = stream_progress(work, is_active=context.is_active, output=request.out, job_id=job_id)
-        yield common_pb2.Progress(job_id=job_id, state="running", stage="convert")
-        for kind, stats in events:
-            if kind == "done":
-                skipped = sum(stats.skipped.values())
-                yield common_pb2.Progress(
-                    job_id=job_id, state="succeeded", stage="publish", done=stats.records, total=stats.records,
-                    failed=skipped, elapsed_seconds=time.monotonic() - start, outputs={"dataset": stats.out},
-                    message=json.dumps(stats.as_dict()))
+            seed=request.seed, val_fraction=request.val_fraction or 0.1),
+            stage="convert", output=request.out, is_active=context.is_active)
+        yield job.progress()
+        for event in job:
+            if isinstance(event, JobDone):
+                stats = event.result
+                yield job.progress("succeeded", "publish", done=stats.records, total=stats.records,
+                                   failed=sum(stats.skipped.values()), outputs={"dataset": stats.out},
+                                   message=json.dumps(stats.as_dict()))
 
     def Validate(self, request, context):
         size = (request.image_size, request.image_size) if request.image_size else None

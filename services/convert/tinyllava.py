@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.parallel import pool_context
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
+from shared.parallel import pool_context
 from shared.storage import is_url
 from shared.storage.manifest import now_iso
 
@@ -95,7 +95,7 @@ def make_records(model_id: str, description: str, seed: int) -> list[dict]:
 
 def _list_cad_json(source: str) -> dict[str, str]:
     """model id -> path or key of every cad_json file (model id = file name without .json)."""
-    from services.render.cad.jobs import list_cad_json
+    from shared.cad.deepcad import list_cad_json
 
     keys, _ = list_cad_json(source)
     out: dict[str, str] = {}

@@ -18,8 +18,8 @@ from typing import Any
 
 from PIL import Image
 
-from shared.parallel import pool_context
 from shared.errors import IntegrityError, NotFound
+from shared.parallel import pool_context
 from shared.storage.manifest import MANIFEST_NAME, Manifest, hash_bytes
 
 from .tinyllava import OUTPUT_FILES

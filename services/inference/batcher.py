@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from prometheus_client import REGISTRY, Counter, Histogram
@@ -72,14 +72,13 @@ class _Request:
 
 
 class DynamicBatcher:
-    """Runs ``run(batch) -> outputs`` (first dimension = samples) on merged concurrent requests."""
+    """Runs ``run(batch) -> outputs`` (first dimension = samples) on merged concurrent requests.
+
+    ``max_batch_size`` >= 1 and ``max_queue_delay_ms`` >= 0, as the repository checks them.
+    """
 
     def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int,
                  max_queue_delay_ms: float, model: str, version: str):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_queue_delay_ms < 0:
-            raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
         self._run = run
         self.max_batch_size = max_batch_size
         self._delay = max_queue_delay_ms / 1000.0

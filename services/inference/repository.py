@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from services.inference.batcher import DynamicBatcher
-from services.inference.preprocess import Preprocessor
-from services.train.export import list_versions, load_exported, validate_model_name
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
+from shared.modelcard import ModelCard, list_published, list_versions, load_published
+from shared.names import validate_name
+from shared.preprocess import Preprocessor
+from shared.quantize import quantize_int8
 
 log = get_logger(__name__)
 
@@ -45,27 +46,15 @@ def parse_model_specs(spec: str) -> list[tuple[str, int | None]] | str:
     out: list[tuple[str, int | None]] = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, version = item.partition(":")
-        out.append((validate_model_name(name), parse_version(version)))
+        out.append((validate_name(name, "model name"), parse_version(version)))
     return out
-
-
-def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantization of the Linear layers (CPU). Convolutions have no dynamic int8 kernel in
-    torch and stay fp32."""
-    with warnings.catch_warnings():
-        # torch.ao.quantization announces its move to torchao; the kernels work as before.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 @dataclass
 class LoadedModel:
     name: str
     version: int
-    card: dict
+    card: ModelCard
     module: torch.nn.Module
     preprocessor: Preprocessor
     batcher: DynamicBatcher | None = None
@@ -74,11 +63,11 @@ class LoadedModel:
 
     @property
     def classes(self) -> list[str]:
-        return self.card["classes"]
+        return self.card.classes
 
     @property
     def input_size(self) -> list[int]:
-        return self.card["input_size"]
+        return self.card.input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities for a normalised float NCHW batch (runs on the batcher's thread)."""
@@ -124,12 +113,7 @@ class ModelRepository:
 
     def published(self) -> dict[str, list[int]]:
         """Every published model in the store -> its versions, ascending."""
-        found: dict[str, set[int]] = {}
-        for prefix in self.store.list_published("models/"):
-            parts = prefix.split("/")
-            if len(parts) == 3 and parts[2].isdigit():
-                found.setdefault(parts[1], set()).add(int(parts[2]))
-        return {name: sorted(v) for name, v in sorted(found.items())}
+        return list_published(self.store)
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Published and loaded models with their state (READY / LOADING / UNAVAILABLE + reason)."""
@@ -151,7 +135,7 @@ class ModelRepository:
 
     def load(self, name: str, version: int | None = None) -> LoadedModel:
         """Load ``name`` (newest published version when None), warm it up, mark it READY. Idempotent."""
-        validate_model_name(name)
+        validate_name(name, "model name")
         with self._load_lock:
             if version is None:
                 versions = list_versions(self.store, name)
@@ -239,14 +223,10 @@ class ModelRepository:
     # ---- internals
 
     def _build(self, name: str, version: int) -> LoadedModel:
-        module, card = load_exported(self.store, name, version)
-        quantized = False
+        module, card = load_published(self.store, name, version)
         if self.quantize:
-            module = quantize_int8(module)
-            quantized = True
-        norm = card["normalization"]
-        pre = Preprocessor(card["input_size"], norm["mean"], norm["std"])
-        loaded = LoadedModel(name, version, card, module, pre, quantized=quantized)
+            module, _ = quantize_int8(module)
+        loaded = LoadedModel(name, version, card, module, Preprocessor.from_card(card), quantized=self.quantize)
         loaded.batcher = DynamicBatcher(loaded.forward, max_batch_size=self.max_batch_size,
                                         max_queue_delay_ms=self.max_queue_delay_ms, model=name,
                                         version=str(version))

@@ -23,9 +23,9 @@ from scipy.ndimage import center_of_mass, map_coordinates
 
 from services.render.logos import load_font, system_fonts
 from services.render.shards import ProgressFn
-from shared.parallel import pool_context
 from shared.errors import AlreadyExists, InvalidArgument
 from shared.logs import get_logger
+from shared.parallel import pool_context
 from shared.storage import ArtifactStore, Manifest
 
 log = get_logger(__name__)

@@ -195,5 +195,5 @@ class LogoJob:
         for record in records:
             for key, n in record["info"]["counts"].items():
                 split, cls = key.split("/")
-                splits.setdefault(split, {c: 0 for c in CLASSES})[cls] += n
+                splits.setdefault(split, dict.fromkeys(CLASSES, 0))[cls] += n
         return {"layout": "image_folder", "splits": splits}

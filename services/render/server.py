@@ -2,39 +2,39 @@
 from __future__ import annotations
 
 import json
-import time
-import uuid
 
 import grpc
 
 from services.render.datasets import RenderSpec, render
+from services.render.jobs import KINDS, kind_of_field
 from shared.errors import InvalidArgument
 from shared.grpc_server import serve, service_arg_parser
 from shared.pb import common_pb2, render_pb2, render_pb2_grpc
-from shared.storage import open_location
-from shared.streaming import stream_progress
-
-_KIND_OF_FIELD = {"cad": "cad", "cad_synth": "cad-synth", "trajectories": "trajectories", "logos": "logos",
-                  "digits": "digits"}
+from shared.storage import Manifest, open_location
+from shared.streaming import JobProgress, StreamedJob
 
 
 def spec_from_request(request: render_pb2.RenderRequest, default_workers: int) -> RenderSpec:
     which = request.WhichOneof("kind")
     if which is None:
-        raise InvalidArgument("RenderRequest needs a kind: cad, cad_synth, trajectories, logos or digits")
+        raise InvalidArgument(f"RenderRequest needs a kind: {', '.join(k.field for k in KINDS.values())}")
     if not request.out:
         raise InvalidArgument("RenderRequest.out is empty: give a local path or s3://bucket/prefix")
-    options = {}
-    if which == "cad":
-        options = {"input": request.cad.input, "image_size": request.cad.image_size}
-    elif which == "trajectories":
-        options = {"shard_size": request.trajectories.shard_size}
-    elif which == "logos":
-        options = {"image_size": request.logos.image_size, "val_per_class": request.logos.val_per_class}
-    elif which == "digits":
-        options = {"test_count": request.digits.test_count, "gzip": request.digits.gzip}
-    return RenderSpec(kind=_KIND_OF_FIELD[which], out=request.out, count=request.count, seed=request.seed,
-                      workers=request.workers or default_workers, resume=request.resume, options=options)
+    kind = kind_of_field(which)
+    message = getattr(request, which)
+    return RenderSpec(kind=kind.name, out=request.out, count=request.count, seed=request.seed,
+                      workers=request.workers or default_workers, resume=request.resume,
+                      options={name: getattr(message, name) for name in kind.options})
+
+
+def _published(job: StreamedJob, location: str, manifest: Manifest) -> common_pb2.Progress:
+    meta = manifest.meta or {}
+    failures = meta.get("failures", []) if isinstance(meta.get("failures"), list) else []
+    return job.progress(
+        "succeeded", "publish", done=meta.get("total", 0), total=meta.get("total", 0), failed=len(failures),
+        outputs={"dataset": location},
+        failures=[common_pb2.ItemFailure(item=str(f.get("model_id", "")), reason=str(f.get("reason", "")))
+                  for f in failures])
 
 
 class RenderServiceServicer(render_pb2_grpc.RenderServiceServicer):
@@ -43,26 +43,14 @@ class RenderServiceServicer(render_pb2_grpc.RenderServiceServicer):
 
     def Render(self, request, context):
         spec = spec_from_request(request, self.default_workers)
-        job_id = uuid.uuid4().hex[:12]
-        start = time.monotonic()
-        events = stream_progress(lambda report: render(spec, report), is_active=context.is_active,
-                                 output=spec.out, job_id=job_id)
-        yield common_pb2.Progress(job_id=job_id, state="running", stage="render")
-        for kind, item in events:
-            if kind == "progress":
-                done, total, _info = item
-                yield common_pb2.Progress(job_id=job_id, state="running", stage="render", done=done, total=total,
-                                          elapsed_seconds=time.monotonic() - start)
+        job = StreamedJob(lambda report: render(spec, lambda done, total, _info: report(JobProgress(done, total))),
+                          stage="render", output=spec.out, is_active=context.is_active)
+        yield job.progress()
+        for event in job:
+            if isinstance(event, JobProgress):
+                yield job.progress(done=event.done, total=event.total)
             else:
-                location, manifest = item
-                meta = manifest.meta or {}
-                failures = meta.get("failures", []) if isinstance(meta.get("failures"), list) else []
-                yield common_pb2.Progress(
-                    job_id=job_id, state="succeeded", stage="publish", done=meta.get("total", 0),
-                    total=meta.get("total", 0), failed=len(failures), elapsed_seconds=time.monotonic() - start,
-                    outputs={"dataset": location},
-                    failures=[common_pb2.ItemFailure(item=str(f.get("model_id", "")), reason=str(f.get("reason", "")))
-                              for f in failures])
+                yield _published(job, *event.result)
 
     def DescribeDataset(self, request, context):
         store, prefix = open_location(request.location)

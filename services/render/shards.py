@@ -20,17 +20,19 @@ records are removed once the manifest exists.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from shared.parallel import pool_context
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from shared.logs import get_logger
+from shared.parallel import pool_context
 from shared.storage.base import ArtifactStore
 from shared.storage.local import LocalStore
 from shared.storage.manifest import FileEntry, Manifest, hash_bytes, now_iso
@@ -206,10 +208,8 @@ def _write_shard(store: ArtifactStore, prefix: str, result: dict) -> dict:
 def _discard_partial(store: ArtifactStore, prefix: str, result: dict) -> None:
     """Best effort: drop the files of a shard that could not be finished, to give space back."""
     for rel in result["files"]:
-        try:
+        with contextlib.suppress(OSError):
             store.delete(f"{prefix}/{rel}")
-        except OSError:
-            pass
 
 
 def run_sharded(

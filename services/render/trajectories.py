@@ -291,7 +291,7 @@ class TrajectoryJob:
                 "class_counts": {name: int(c) for name, c in zip(CLASSES, counts, strict=True)}}
 
     def summarize(self, records: list[dict]) -> dict[str, Any]:
-        totals = {name: 0 for name in CLASSES}
+        totals = dict.fromkeys(CLASSES, 0)
         for record in records:
             for name, count in record["info"]["class_counts"].items():
                 totals[name] += count
@@ -311,10 +311,3 @@ class TrajectoryJob:
         files = self.render_shard(0, 0, n)
         return int(sum(len(b) for b in files.values()) * self.total / n)
 
-
-if __name__ == "__main__":
-    import sys
-
-    from services.render.jobs import main
-
-    sys.exit(main(["trajectories", *sys.argv[1:]]))

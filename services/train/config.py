@@ -1,8 +1,9 @@
 """The training config: one YAML file per experiment, validated strictly so a typo fails the run early."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -59,7 +60,7 @@ class DataConfig(_Strict):
     val_size: int = Field(512, gt=0)
 
     @model_validator(mode="after")
-    def _needs_path(self) -> "DataConfig":
+    def _needs_path(self) -> DataConfig:
         if self.kind != "synthetic" and not self.path:
             raise ValueError(f"data.path is required for data.kind={self.kind}")
         return self
@@ -74,7 +75,7 @@ class OptimizerConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
 
     @model_validator(mode="after")
-    def _nesterov(self) -> "OptimizerConfig":
+    def _nesterov(self) -> OptimizerConfig:
         if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
             raise ValueError("optimizer.nesterov needs name=sgd and momentum > 0")
         return self
@@ -134,6 +135,8 @@ class UnfreezeStep(_Strict):
 class TrainConfig(_Strict):
     experiment: str = Field(min_length=1)
     run_name: str | None = None
+    # What is learnt (services.train.engine.tasks.TASKS): the data, the loss and the metrics follow from it.
+    task: Literal["classification"] = "classification"
     model: ModelConfig
     data: DataConfig
     epochs: int = Field(gt=0)
@@ -157,7 +160,7 @@ class TrainConfig(_Strict):
     tags: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if isinstance(self.loss.class_weights, list) and self.data.kind == "synthetic" \
                 and len(self.loss.class_weights) != self.data.num_classes:
             raise ValueError("loss.class_weights needs one weight per class")

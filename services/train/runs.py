@@ -8,24 +8,24 @@ the process or Job is still alive. A worker that died without writing a final st
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from services.train.config import parse_train_config
 from shared.config import load_yaml
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.logs import get_logger
+from shared.names import slug, validate_run_id
 from shared.settings import load_settings
 
 log = get_logger(__name__)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-_RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
 
 
 @dataclass
@@ -160,7 +160,7 @@ class RunManager:
         tmp.replace(path)
 
     def load(self, run_id: str) -> RunRecord:
-        _check_run_id(run_id)
+        validate_run_id(run_id)
         path = self.run_dir(run_id) / "run.json"
         if not path.exists():
             raise NotFound(f"run {run_id!r} does not exist")
@@ -197,10 +197,10 @@ class RunManager:
                     record.config_yaml, record.overrides = config_yaml, list(overrides)
                     record.cancelled = False
             else:
-                run_id = f"{_slug(config.experiment)}-{uuid.uuid4().hex[:8]}"
+                run_id = f"{slug(config.experiment)}-{uuid.uuid4().hex[:8]}"
                 record = None
             if record is None:
-                _check_run_id(run_id)
+                validate_run_id(run_id)
                 record = RunRecord(
                     run_id=run_id, backend=backend or self.default_backend, config_yaml=config_yaml,
                     overrides=list(overrides), replicas=replicas, experiment=config.experiment,
@@ -266,14 +266,3 @@ class RunManager:
             if view.state in TERMINAL:
                 return
             self._backend(record.backend).wait(record, poll)
-
-
-def _check_run_id(run_id: str) -> None:
-    # Run ids become Kubernetes Job names and label values, hence DNS-1123 rules.
-    if not _RUN_ID.match(run_id or ""):
-        raise InvalidArgument(f"run id {run_id!r} must be 1-42 lowercase letters, digits and dashes")
-
-
-def _slug(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return (slug or "run")[:24].strip("-")

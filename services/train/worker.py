@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     configure()
     args = build_parser().parse_args(argv)
     from services.train.config import load_train_config, parse_train_config
-    from shared.config import load_yaml
     from services.train.engine import Engine
+    from shared.config import load_yaml
 
     try:
         if args.config_env:

@@ -1,7 +1,8 @@
 """Dataset readers (MNIST IDX, CIFAR-10 batches, image folders) into in-memory uint8 datasets,
 stratified subsets, batched augmentation and the in-memory batch loader."""
-from shared.data.augment import NORMALIZATION, PRESETS, AugmentConfig, BatchAugment, normalize
+from shared.data.augment import NORMALIZATION, PRESETS, AugmentConfig, BatchAugment
 from shared.data.memory import InMemoryDataset, InMemoryLoader, resolve_source
+
 from shared.data.cifar import CIFAR10_CLASSES, read_cifar10, read_cifar_batch  # noqa: E402  isort: skip
 from shared.data.imagefolder import (  # noqa: E402  isort: skip
     image_folder_splits,
@@ -10,10 +11,11 @@ from shared.data.imagefolder import (  # noqa: E402  isort: skip
 )
 from shared.data.mnist import MNIST_CLASSES, parse_idx, read_idx, read_mnist, write_idx  # noqa: E402  isort: skip
 from shared.data.subsets import stratified_split, stratified_subset  # noqa: E402  isort: skip
+from shared.data.synthetic import synthetic_digits  # noqa: E402  isort: skip
 
 __all__ = [
     "AugmentConfig", "BatchAugment", "CIFAR10_CLASSES", "InMemoryDataset", "InMemoryLoader", "MNIST_CLASSES",
-    "NORMALIZATION", "PRESETS", "image_folder_splits", "normalize", "parse_idx", "read_cifar10",
+    "NORMALIZATION", "PRESETS", "image_folder_splits", "parse_idx", "read_cifar10",
     "read_cifar_batch", "read_idx", "read_image_folder", "read_image_folder_splits", "read_mnist",
-    "resolve_source", "stratified_split", "stratified_subset", "write_idx",
+    "resolve_source", "stratified_split", "stratified_subset", "synthetic_digits", "write_idx",
 ]

@@ -3,12 +3,12 @@
 Order: random crop with padding and horizontal flip on uint8 (cheap gathers), then float in [0, 1],
 rotation (affine_grid), colour jitter, random grayscale, and last mixup/cutmix. Every random draw
 takes the caller's ``torch.Generator`` (on the batch's device), so a seed replays a run exactly.
-Normalisation is separate (``normalize``): mixing and per-channel affine normalisation commute.
+Normalisation is separate (``shared.preprocess``): mixing and per-channel affine normalisation commute.
 """
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class AugmentConfig(BaseModel):
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     @classmethod
-    def preset(cls, name: str) -> "AugmentConfig":
+    def preset(cls, name: str) -> AugmentConfig:
         try:
             return cls(**PRESETS[name])
         except KeyError:
@@ -77,11 +77,9 @@ def random_crop(x: torch.Tensor, padding: int, g: torch.Generator, mode: str = "
     if padding == 0:
         return x
     b, c, h, w = x.shape
-    if mode == "edge":
-        # replicate-padding is only implemented for float tensors
-        xp = F.pad(x.float(), (padding,) * 4, mode="replicate").to(x.dtype)
-    else:
-        xp = F.pad(x, (padding,) * 4)
+    pad = (padding,) * 4
+    # replicate-padding is only implemented for float tensors
+    xp = F.pad(x.float(), pad, mode="replicate").to(x.dtype) if mode == "edge" else F.pad(x, pad)
     hp, wp = h + 2 * padding, w + 2 * padding
     oy = torch.randint(0, 2 * padding + 1, (b,), generator=g, device=x.device)
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=g, device=x.device)
@@ -200,12 +198,3 @@ class BatchAugment:
         if c.mixes:
             x, y = mix_batch(x, y, self.num_classes, c.mixup_alpha, c.cutmix_alpha, c.mix_prob, g)
         return x, y
-
-
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(x - mean) / std per channel, in place on a float batch in [0, 1]."""
-    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
-        raise InvalidArgument(f"normalisation has {len(mean)} channels, images have {x.shape[1]}")
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s)

@@ -11,15 +11,16 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from shared.data.augment import AugmentConfig, BatchAugment, normalize
+from shared.data.augment import AugmentConfig, BatchAugment
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
+from shared.preprocess import Normalizer
 from shared.settings import load_settings
 
 log = get_logger(__name__)
@@ -61,13 +62,13 @@ class InMemoryDataset(torch.utils.data.Dataset):
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
-    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor, name: str | None = None) -> "InMemoryDataset":
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor, name: str | None = None) -> InMemoryDataset:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
         return InMemoryDataset(self.images.index_select(0, idx), self.labels.index_select(0, idx),
                                self.classes, self.name if name is None else name)
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std in [0, 1] units, for ``normalize``."""
+        """Per-channel mean and std in [0, 1] units, for ``shared.preprocess.Normalizer``."""
         x = self.images.float().div_(255).transpose(0, 1).reshape(self.images.shape[1], -1)
         return x.mean(1).tolist(), x.std(1).tolist()
 
@@ -113,9 +114,11 @@ class InMemoryLoader:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
-        self.mean = list(mean) if mean is not None else None
-        self.std = list(std) if std is not None else None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.normalizer = Normalizer(mean, std, self.device) if mean is not None else None
+        if self.normalizer is not None and self.normalizer.channels != dataset.image_shape[0]:
+            raise InvalidArgument(f"normalisation has {self.normalizer.channels} channels, images have "
+                                  f"{dataset.image_shape[0]}")
         self.epoch = 0
         self._images = dataset.images.to(self.device)
         self._labels = dataset.labels.to(self.device)
@@ -154,10 +157,9 @@ class InMemoryLoader:
             y = self._labels.index_select(0, idx)
             if self.augment is not None:
                 x, y = self.augment(x, y, g)
+                x = self.normalizer.from_unit(x) if self.normalizer is not None else x
             else:
-                x = x.float().div_(255)
-            if self.mean is not None:
-                x = normalize(x, self.mean, self.std)
+                x = self.normalizer(x) if self.normalizer is not None else x.float().div_(255)
             yield x, y
 
 

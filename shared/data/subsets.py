@@ -1,7 +1,7 @@
 """Deterministic stratified subsets and splits (the 5k / 10k / 50k CIFAR-10 study)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

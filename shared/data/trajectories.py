@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from typing import Any, BinaryIO, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch

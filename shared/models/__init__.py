@@ -12,18 +12,15 @@ from shared.models.summary import LayerRow, Summary, count_params, model_summary
 # Importing the builder modules registers them.
 from shared.models import mnist as _mnist  # noqa: E402,F401  isort: skip
 from shared.models.logo import (  # noqa: E402  isort: skip
-    DEFAULT_SCHEDULE,
     HEADS,
     backbone_stages,
     freeze_backbone,
     unfreeze_schedule,
     unfreeze_stages,
 )
-from shared.models.cli import cmd_models_list, cmd_models_summary, parse_input_size  # noqa: E402  isort: skip
 
 __all__ = [
-    "DEFAULT_SCHEDULE", "HEADS", "LayerRow", "Summary", "backbone_stages", "cmd_models_list",
-    "cmd_models_summary", "count_params", "create_model", "freeze_backbone", "is_registered", "list_models",
-    "load_pretrained", "model_summary", "parse_input_size", "read_state_dict", "register_model",
+    "HEADS", "LayerRow", "Summary", "backbone_stages", "count_params", "create_model", "freeze_backbone",
+    "is_registered", "list_models", "load_pretrained", "model_summary", "read_state_dict", "register_model",
     "unfreeze_schedule", "unfreeze_stages",
 ]

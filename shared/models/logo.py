@@ -5,12 +5,13 @@ The backbone is timm's ``efficientnet_b0`` unchanged, so a local timm checkpoint
 
 Gradual unfreezing: the backbone is split into stages (stem, the 7 block groups, the 1x1 head conv);
 ``unfreeze_stages(model, n)`` makes the last ``n`` trainable, the classifier always is. The training
-engine calls ``unfreeze_schedule(model, epoch, schedule)`` at the start of every epoch. Build the optimizer
-over all parameters once: frozen ones simply get no gradient, and optimizers skip params without one.
+engine calls ``unfreeze_schedule(model, epoch, schedule)`` at the start of every epoch of a run with
+``freeze_backbone`` set. Build the optimizer over all parameters once: frozen ones simply get no gradient,
+and optimizers skip params without one.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import timm
 from torch import nn
@@ -22,9 +23,6 @@ from shared.models.registry import register_model
 log = get_logger(__name__)
 
 HEADS = ("linear", "mlp256", "mlp128bn")
-
-# Head only for 3 epochs, then the top 3 stages, then everything: the study's schedule.
-DEFAULT_SCHEDULE: dict[int, int | str] = {0: 0, 3: 3, 6: "all"}
 
 
 def make_head(kind: str, in_features: int, num_classes: int, dropout: float = 0.3) -> nn.Sequential:
@@ -130,8 +128,7 @@ def _schedule_items(schedule: Mapping[int, int | str] | Iterable[tuple[int, int 
 
 
 def unfreeze_schedule(model: nn.Module, epoch: int,
-                      schedule: Mapping[int, int | str] | Iterable[tuple[int, int | str]] = DEFAULT_SCHEDULE
-                      ) -> int | str:
+                      schedule: Mapping[int, int | str] | Iterable[tuple[int, int | str]]) -> int | str:
     """Apply the schedule entry in force at ``epoch`` ({start_epoch: stages}); returns that stage count.
 
     Before the first entry the backbone is frozen. Idempotent, so calling it every epoch is cheap.

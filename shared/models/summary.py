@@ -1,8 +1,9 @@
 """Layer-by-layer model summary (the parameter tables of the experiment logs), via forward hooks."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

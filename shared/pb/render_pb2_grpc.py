@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class RenderServiceStub:
-    """RenderService renders the datasets of DESIGN.md: CAD views, synthetic CAD models, trajectory
+    """RenderService renders the platform's datasets: CAD views, synthetic CAD models, trajectory
     videos, logos and handwritten-style digits. Every render is published atomically with a manifest.
     """
 
@@ -50,7 +50,7 @@ class RenderServiceStub:
 
 
 class RenderServiceServicer:
-    """RenderService renders the datasets of DESIGN.md: CAD views, synthetic CAD models, trajectory
+    """RenderService renders the platform's datasets: CAD views, synthetic CAD models, trajectory
     videos, logos and handwritten-style digits. Every render is published atomically with a manifest.
     """
 
@@ -90,7 +90,7 @@ def add_RenderServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RenderService:
-    """RenderService renders the datasets of DESIGN.md: CAD views, synthetic CAD models, trajectory
+    """RenderService renders the platform's datasets: CAD views, synthetic CAD models, trajectory
     videos, logos and handwritten-style digits. Every render is published atomically with a manifest.
     """
 

@@ -23,6 +23,7 @@ __all__ = [
     "MANIFEST_NAME",
     "Manifest",
     "S3Store",
+    "dataset_source",
     "is_url",
     "open_location",
     "open_store",
@@ -82,3 +83,26 @@ def open_location(location: str, settings: Settings | None = None) -> tuple[Arti
     """The store holding ``location`` and the prefix of ``location`` inside it (see split_location)."""
     store_url, prefix = split_location(location)
     return open_store(store_url, settings), prefix
+
+
+def dataset_source(location: str, settings: Settings | None = None) -> tuple[str, str | None]:
+    """(root, store URL or None) of a dataset a reader takes (see ``shared.data.resolve_source``).
+
+    A local directory (a plain path or ``file://``) is read in place; ``s3://bucket/prefix`` and
+    ``store:prefix`` (in the platform's TRAINYARD_STORE) name a published dataset, fetched and verified.
+    """
+    if location.startswith("store:"):
+        key = location[len("store:"):].strip("/")
+        if not key:
+            raise InvalidArgument(f"{location!r} names no dataset: use store:<prefix>")
+        store_url, prefix = split_location(f"{(settings or load_settings()).store_url.rstrip('/')}/{key}")
+        return prefix, store_url
+    if location.startswith("s3://"):
+        store_url, prefix = split_location(location)
+        return prefix, store_url
+    if location.startswith("file://"):
+        return location[len("file://"):], None
+    if is_url(location):
+        raise InvalidArgument(f"dataset location {location}: use a local path, file://, s3://bucket/prefix "
+                              "or store:prefix")
+    return location, None

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import abc
 import os
-import re
 import pathlib
+import re
 import tempfile
-from typing import Any, BinaryIO, Mapping
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from shared.logs import get_logger

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -83,10 +84,8 @@ class LocalStore(ArtifactStore):
         return self._path(key).is_file()
 
     def _delete(self, key: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
             self._path(key).unlink()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            pass
 
     def _delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)

@@ -38,7 +38,7 @@ class Manifest:
         return json.dumps(doc, indent=2, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, where: str = "manifest") -> "Manifest":
+    def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:
         try:
             doc = json.loads(data)
             files = {rel: FileEntry(int(e["size"]), str(e["sha256"])) for rel, e in doc["files"].items()}
@@ -57,7 +57,7 @@ class Manifest:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def hash_bytes(data: bytes) -> FileEntry:

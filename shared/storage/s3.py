@@ -6,7 +6,8 @@ import contextlib
 import io
 import pathlib
 import threading
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import urllib3
 from minio import Minio
@@ -89,7 +90,7 @@ class S3Store(ArtifactStore):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, settings: Settings | None = None) -> "S3Store":
+    def from_url(cls, url: str, settings: Settings | None = None) -> S3Store:
         bucket, prefix = parse_s3_url(url)
         return cls(bucket, prefix, settings=settings)
 

@@ -5,6 +5,7 @@ events when they change, and records every request so tests can assert the exact
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -131,10 +132,8 @@ def _handler(state: FakeKube):
                 pass
             finally:
                 state._watchers.remove(q)
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(b"0\r\n\r\n")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
         def do_DELETE(self):
             path, _, _ = self._record()
@@ -172,7 +171,7 @@ class FakeKubeServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def __enter__(self) -> "FakeKubeServer":
+    def __enter__(self) -> FakeKubeServer:
         self.thread.start()
         return self
 

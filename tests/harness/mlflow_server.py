@@ -68,14 +68,14 @@ class MlflowServer(HarnessServer):
             stop_grace=5,
         )
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         # One attempt, not HarnessServer's retries on fresh ports: the port is fixed so restart() keeps it.
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.s3.make_bucket(self.bucket)
         self.process = self._make_process().start()
         return self
 
-    def restart(self) -> "MlflowServer":
+    def restart(self) -> MlflowServer:
         """Stop and start again on the same port (the tracking tests kill it mid-run)."""
         self.stop()
         return self.start()

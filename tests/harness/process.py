@@ -3,6 +3,7 @@ stop by PID at teardown."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -11,8 +12,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Self, Sequence
+from typing import Self
 
 HOST = "127.0.0.1"
 
@@ -109,7 +111,7 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         if self.running():
             raise ServerFailed(f"{self.name} is already running (pid {self.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ class ManagedProcess:
         except OSError:
             return "<no log>"
 
-    def __enter__(self) -> "ManagedProcess":
+    def __enter__(self) -> ManagedProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -169,10 +171,8 @@ class ManagedProcess:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def start_with_retries(make: Callable[[], ManagedProcess], attempts: int = 3) -> ManagedProcess:

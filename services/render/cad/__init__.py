@@ -4,7 +4,8 @@ Public entry points: ``render_cad`` (one model -> PNG bytes per view), ``CadRend
 ``CadSynthJob`` (sharded jobs for services.render.shards.run_sharded), ``generate_cad_json``
 (a random valid model) and ``parse_cad`` / ``rebuild`` for the pieces.
 """
-from .deepcad import CadFormatError, CadModel, load_cad_json, parse_cad
+from shared.cad.deepcad import CadFormatError, CadModel, load_cad_json, parse_cad
+
 from .geometry import mesh_arrays, rebuild
 from .jobs import CadRenderJob, CadSynthJob, failure_reason, image_name, render_cad, render_directory
 from .raster import VIEW_NAMES, encode_png, render_views

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from manifold3d import CrossSection, FillRule, Manifold, OpType
 
-from .deepcad import Arc, CadFormatError, CadModel, Circle, Curve, Extrude, Line, Loop
+from shared.cad.deepcad import Arc, CadFormatError, CadModel, Circle, Curve, Extrude, Line, Loop
 
 # Segments for a full circle; arcs get a share proportional to their sweep. 64 keeps round holes
 # round at 512 px while meshes stay small enough to render fast.

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InvalidArgument, NotFound
+from shared.cad.deepcad import CadFormatError, list_cad_json, load_cad_json, parse_cad
+from shared.errors import InvalidArgument
 from shared.logs import get_logger
-from shared.storage import is_url
 
-from .deepcad import CadFormatError, load_cad_json, parse_cad
 from .geometry import mesh_arrays, rebuild
 from .raster import VIEW_NAMES, encode_png, render_views
 
@@ -43,32 +42,6 @@ def failure_reason(exc: BaseException) -> str:
 
 def image_name(model_id: str, view: str) -> str:
     return f"{model_id}_{view}.png"
-
-
-# Files a published dataset carries beside its models: never cad_json inputs.
-_BOOKKEEPING = {"MANIFEST.json", "metadata.json"}
-
-
-def list_cad_json(location: str | Path) -> tuple[list[str], str | None]:
-    """(sorted cad_json paths or keys, the store URL they are keys in or None) under ``location``.
-
-    The output of `render cad-synth` is a published dataset, so its manifest and metadata are skipped.
-    """
-    loc = str(location)
-    if is_url(loc):
-        from shared.storage import open_store
-
-        keys = [k for k in open_store(loc).list() if k.endswith(".json")]
-        inputs, source = keys, loc
-    else:
-        root = Path(loc)
-        if not root.is_dir():
-            raise NotFound(f"cad_json input directory {root} does not exist")
-        inputs, source = [str(p) for p in root.rglob("*.json")], None
-    inputs = sorted(k for k in inputs if k.rsplit("/", 1)[-1] not in _BOOKKEEPING and "/_shards/" not in k)
-    if not inputs:
-        raise InvalidArgument(f"no .json files under {loc}")
-    return inputs, source
 
 
 @dataclass
@@ -100,7 +73,7 @@ class CadRenderJob:
             raise InvalidArgument(f"duplicate model ids among the inputs: {sorted(dup)[:5]}")
 
     @classmethod
-    def from_input(cls, location: str | Path, **kwargs) -> "CadRenderJob":
+    def from_input(cls, location: str | Path, **kwargs) -> CadRenderJob:
         """All cad_json files under a local directory or a store URL (``s3://…``, ``file://…``), sorted."""
         inputs, source = list_cad_json(location)
         return cls(inputs=inputs, source=source, location=str(location), **kwargs)

@@ -15,7 +15,8 @@ import string
 
 import numpy as np
 
-from .deepcad import parse_cad
+from shared.cad.deepcad import parse_cad
+
 from .geometry import combine, extrude_tool
 
 # Right-handed sketch frames on the principal planes: (x_axis, y_axis, z_axis); z is the normal.

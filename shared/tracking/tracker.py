@@ -1,4 +1,4 @@
-"""A thin MLflow layer every training job uses: one run, explicit tracking URI, metrics that survive outages.
+"""The MLflow run every training job writes through: one run, explicit tracking URI, metrics that survive outages.
 
 Why not the fluent ``mlflow.*`` API: it keeps one global active run and one global tracking URI, so two
 trackers (a training job and its evaluation, or tests against two servers) would step on each other.
@@ -16,28 +16,22 @@ import contextlib
 import json
 import math
 import os
-import re
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
 )
 
 from shared.errors import (
-    AlreadyExists,
     Cancelled,
     FailedPrecondition,
     InvalidArgument,
@@ -47,245 +41,25 @@ from shared.errors import (
 )
 from shared.logs import get_logger
 from shared.settings import load_settings
+from shared.tracking.client import (
+    BACKOFF_MAX_S,
+    BACKOFF_START_S,
+    METRIC_KEY,
+    as_domain_error,
+    call_with_retries,
+    default_artifact_location,
+    fail_fast_http,
+    flatten_params,
+    get_or_create_experiment,
+    git_commit,
+    is_retryable,
+    prepare_local_store,
+    tag_value,
+)
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
-
-STANDARD_TAGS = ("git_commit", "config_hash", "dataset_version")
-
-# MLflow's own metric-name rule (alphanumerics, _ - . space / :), checked here so that a bad name fails at
-# the call that logged it instead of poisoning the retry buffer later.
-_METRIC_KEY = re.compile(r"^[\w\-./ :]+$")
-
-# Backoff between flush attempts while the server is down: doubles from the first to the last value.
-_BACKOFF_START_S = 0.5
-_BACKOFF_MAX_S = 5.0
-
-_env_lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def _fail_fast_http(timeout_s: int) -> Iterator[None]:
-    """Make MLflow's HTTP client fail fast for the calls made inside.
-
-    MLflow retries each request 7 times with exponential backoff and a 120 s timeout by default, which
-    blocks a training step for minutes when the server restarts (and makes tests hang). This module does
-    its own bounded retrying, so inside its calls MLflow gets a single attempt with a short timeout.
-    MLflow reads these variables at every request, so setting them around the call is enough; the lock
-    keeps two trackers in different threads from restoring each other's values out of order.
-    """
-    overrides = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    with _env_lock:
-        saved = {k: os.environ.get(k) for k in overrides}
-        os.environ.update(overrides)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    """Connection failures and 5xx answers are worth retrying; a 4xx means the request itself is wrong."""
-    if isinstance(exc, MlflowException):
-        return exc.get_http_status_code() >= 500
-    # Artifact uploads raise requests' own errors rather than MlflowException.
-    return isinstance(exc, (ConnectionError, TimeoutError, requests.RequestException))
-
-
-def _as_domain_error(exc: MlflowException, what: str) -> TrainyardError:
-    status = exc.get_http_status_code()
-    message = f"{what}: {exc.message}"
-    if status == 404:
-        return NotFound(message)
-    if status == 409 or exc.error_code == "RESOURCE_ALREADY_EXISTS":
-        return AlreadyExists(message)
-    if status < 500:
-        return InvalidArgument(message)
-    return Unavailable(message)
-
-
-def _call(fn: Callable[[], T], what: str, deadline_s: float, request_timeout_s: int) -> T:
-    """Run one MLflow client call, retrying outages with backoff until ``deadline_s`` seconds have passed."""
-    start = time.monotonic()
-    delay = _BACKOFF_START_S
-    while True:
-        try:
-            with _fail_fast_http(request_timeout_s):
-                return fn()
-        except Exception as exc:
-            if not _is_retryable(exc):
-                if isinstance(exc, MlflowException):
-                    raise _as_domain_error(exc, what) from exc
-                raise
-            left = deadline_s - (time.monotonic() - start)
-            if left <= 0:
-                raise Unavailable(
-                    f"{what}: MLflow tracking server unreachable for {deadline_s:.0f} s ({exc})"
-                ) from exc
-            log.warning("mlflow call failed, retrying", extra={"what": what, "error": str(exc)[:300]})
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, _BACKOFF_MAX_S)
-
-
-def git_commit(cwd: str | Path | None = None) -> str:
-    """The commit the code runs from: ``git rev-parse HEAD``, else $TRAINYARD_GIT_COMMIT, else "unknown".
-
-    Container images carry no .git folder, so their build sets TRAINYARD_GIT_COMMIT instead.
-    """
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            check=False,
-            cwd=cwd or Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("TRAINYARD_GIT_COMMIT") or "unknown"
-
-
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``, values stringified and cut to MLflow's limits."""
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten_params(value, prefix=f"{name}."))
-            continue
-        text = str(value)
-        if len(text) > MAX_PARAM_VAL_LENGTH:
-            log.warning("param value truncated", extra={"param": name, "length": len(text)})
-            text = text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
-        if len(name) > MAX_ENTITY_KEY_LENGTH:
-            raise InvalidArgument(f"param name longer than {MAX_ENTITY_KEY_LENGTH} characters: {name[:80]}...")
-        out[name] = text
-    return out
-
-
-def _tag_value(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= MAX_TAG_VAL_LENGTH else text[: MAX_TAG_VAL_LENGTH - 3] + "..."
-
-
-def _default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """For an embedded sqlite/file store, keep artifacts under $TRAINYARD_HOME instead of MLflow's ./mlruns
-    relative to whatever the current directory happens to be. A tracking server chooses its own."""
-    if not tracking_uri.startswith(("sqlite:", "file:")):
-        return None
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
-    return (load_settings().home / "mlartifacts" / safe).as_uri()
-
-
-def _prepare_local_store(tracking_uri: str) -> None:
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-
-
-def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, creating it if needed (and restoring it if it was deleted)."""
-    if not name:
-        raise InvalidArgument("experiment name must not be empty")
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException as exc:
-            # Another job created it between our lookup and our create.
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-    if exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    return exp.experiment_id
-
-
-def find_run_by_tag(
-    experiment: str, key: str, value: str, tracking_uri: str | None = None
-) -> str | None:
-    """The id of the newest active run in ``experiment`` tagged ``key=value``, or None.
-
-    A restarted training Job uses this with its job id tag to find the run it must resume.
-    """
-    if "'" in value or "`" in key:
-        raise InvalidArgument(f"tag key/value must not contain quotes: {key}={value}")
-    uri = tracking_uri or load_settings().mlflow_uri
-    _prepare_local_store(uri)
-    client = MlflowClient(tracking_uri=uri)
-
-    def search() -> str | None:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            return None
-        runs = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{key}` = '{value}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        return runs[0].info.run_id if runs else None
-
-    return _call(search, f"find run with {key}={value}", deadline_s=30, request_timeout_s=10)
-
-
-def register_model(
-    tracking_uri: str | None,
-    name: str,
-    run_id: str,
-    artifact_path_or_source: str,
-    tags: Mapping[str, Any] | None = None,
-) -> int:
-    """Register a model version in the MLflow model registry and return its version number.
-
-    ``artifact_path_or_source`` is either a path inside the run's artifacts ("model") or a full URI
-    (``s3://...``, ``runs:/...``, ``models:/...``) used as is.
-    """
-    uri = tracking_uri or load_settings().mlflow_uri
-    _prepare_local_store(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    what = f"register model {name!r} from run {run_id}"
-
-    def create() -> int:
-        try:
-            client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        if "://" in artifact_path_or_source or artifact_path_or_source.startswith(("runs:/", "models:/")):
-            source = artifact_path_or_source
-        else:
-            run = client.get_run(run_id)
-            source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path_or_source.strip('/')}"
-        version = client.create_model_version(
-            name,
-            source,
-            run_id=run_id,
-            tags={k: _tag_value(v) for k, v in (tags or {}).items()},
-            await_creation_for=0,
-        )
-        return int(version.version)
-
-    # Not retried after a 5xx that may have created the version already: a duplicate version is worse than
-    # an error the caller sees.
-    try:
-        with _fail_fast_http(30):
-            result = create()
-    except MlflowException as exc:
-        raise _as_domain_error(exc, what) from exc
-    except OSError as exc:
-        raise Unavailable(f"{what}: {exc}") from exc
-    log.info("model registered", extra={"model": name, "version": result, "run_id": run_id})
-    return result
 
 
 class Tracker:
@@ -323,8 +97,8 @@ class Tracker:
             self._tags["config_hash"] = config_hash
         if dataset_version:
             self._tags["dataset_version"] = dataset_version
-        self._tags.update({k: _tag_value(v) for k, v in (tags or {}).items()})
-        _prepare_local_store(self.tracking_uri)
+        self._tags.update({k: tag_value(v) for k, v in (tags or {}).items()})
+        prepare_local_store(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self._run_id: str | None = None
         self._closed = False
@@ -332,7 +106,7 @@ class Tracker:
         self._pending: list[Metric] = []
         self._down_since: float | None = None
         self._next_retry = 0.0
-        self._backoff = _BACKOFF_START_S
+        self._backoff = BACKOFF_START_S
 
     # -- run lifecycle -------------------------------------------------------------------------------
 
@@ -361,7 +135,7 @@ class Tracker:
         return self
 
     def _create(self) -> None:
-        location = _default_artifact_location(self.tracking_uri, self.experiment)
+        location = default_artifact_location(self.tracking_uri, self.experiment)
 
         def create() -> str:
             exp_id = get_or_create_experiment(self.client, self.experiment, location)
@@ -430,7 +204,7 @@ class Tracker:
                 "(resume the run with Tracker(run_id=...) to send them)"
             )
         left = max(deadline - time.monotonic(), 1.0)
-        _call(
+        call_with_retries(
             lambda: self.client.set_terminated(self._run_id, status=status),
             f"mark run {self._run_id} {status}",
             deadline_s=left,
@@ -442,7 +216,7 @@ class Tracker:
     # -- logging -------------------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
-        return _call(fn, what, deadline_s=self.call_timeout, request_timeout_s=self.request_timeout)
+        return call_with_retries(fn, what, deadline_s=self.call_timeout, request_timeout_s=self.request_timeout)
 
     def _log_batch_blocking(self, params: list[Param] = (), tags: list[RunTag] = ()) -> None:
         run_id = self._active_run_id()
@@ -460,7 +234,7 @@ class Tracker:
         self._log_batch_blocking(params=[Param(k, v) for k, v in flat.items()])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._log_batch_blocking(tags=[RunTag(str(k), _tag_value(v)) for k, v in tags.items()])
+        self._log_batch_blocking(tags=[RunTag(str(k), tag_value(v)) for k, v in tags.items()])
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         self.log_metrics({key: value}, step=step)
@@ -471,7 +245,7 @@ class Tracker:
         now_ms = int(time.time() * 1000)
         entries = []
         for key, value in metrics.items():
-            if not isinstance(key, str) or not _METRIC_KEY.match(key) or len(key) > MAX_ENTITY_KEY_LENGTH:
+            if not isinstance(key, str) or not METRIC_KEY.match(key) or len(key) > MAX_ENTITY_KEY_LENGTH:
                 raise InvalidArgument(f"invalid metric name {key!r}")
             try:
                 number = float(value)
@@ -504,14 +278,14 @@ class Tracker:
         while self._pending:
             chunk = self._pending[:MAX_METRICS_PER_BATCH]
             try:
-                with _fail_fast_http(self.request_timeout):
+                with fail_fast_http(self.request_timeout):
                     self.client.log_batch(run_id, metrics=chunk)
             except Exception as exc:
-                if not _is_retryable(exc):
+                if not is_retryable(exc):
                     del self._pending[: len(chunk)]
                     self._spool_rewrite()
                     if isinstance(exc, MlflowException):
-                        raise _as_domain_error(exc, f"log metrics to run {run_id}") from exc
+                        raise as_domain_error(exc, f"log metrics to run {run_id}") from exc
                     raise
                 self._mark_down(exc)
                 return False
@@ -522,20 +296,20 @@ class Tracker:
                 extra={"run_id": run_id, "down_s": round(time.monotonic() - self._down_since, 1)},
             )
         self._down_since = None
-        self._backoff = _BACKOFF_START_S
+        self._backoff = BACKOFF_START_S
         self._spool_path_for(run_id).unlink(missing_ok=True)
         return True
 
     def _mark_down(self, exc: BaseException) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
-            self._backoff = _BACKOFF_START_S
+            self._backoff = BACKOFF_START_S
             log.warning(
                 "mlflow unreachable, buffering metrics",
                 extra={"run_id": self._run_id, "error": str(exc)[:300], "spool": str(self.spool_path)},
             )
         self._next_retry = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
         self._spool_rewrite()
 
     # -- spool file ----------------------------------------------------------------------------------

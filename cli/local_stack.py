@@ -1,6 +1,7 @@
 """`trainyard up` / `status` / `down`: the five services as local processes on embedded defaults."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -91,3 +92,39 @@ def down(grace_s: float = 20.0) -> list[str]:
             os.kill(state[name]["pid"], signal.SIGKILL)
     _state_file().unlink(missing_ok=True)
     return stopped
+
+
+def _cmd_up(args) -> int:
+    state = up(args.services or None, deadline_s=args.deadline)
+    print(f"{'service':<10} {'gRPC':<18} {'metrics':<32} pid")
+    for name, info in state.items():
+        print(f"{name:<10} {info['address']:<18} {info['metrics']:<32} {info['pid']}")
+    return 0
+
+
+def _cmd_status(args) -> int:
+    rows = status()
+    print(f"{'service':<10} {'address':<18} health")
+    for name, info in rows.items():
+        print(f"{name:<10} {info['address']:<18} {info['health']}")
+    return 0 if all(r["health"] == "SERVING" for r in rows.values()) else 1
+
+
+def _cmd_down(args) -> int:
+    stopped = down(grace_s=args.grace)
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start all five services locally on embedded defaults")
+    p.add_argument("services", nargs="*", help="only these services")
+    p.add_argument("--deadline", type=float, default=120.0, help="seconds to wait for SERVING")
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("status", help="print each service's health")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("down", help="stop the services `up` started")
+    p.add_argument("--grace", type=float, default=20.0)
+    p.set_defaults(func=_cmd_down)

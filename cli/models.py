@@ -1,6 +1,7 @@
-"""`trainyard models list|summary` bodies; the lead's CLI parses arguments and prints the result."""
+"""`trainyard models list|summary`: the model zoo and a model's layer-by-layer table."""
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from shared.errors import InvalidArgument
@@ -45,3 +46,24 @@ def cmd_models_summary(name: str, input_str: str = "1x28x28", num_classes: int |
     size = parse_input_size(input_str)
     model = create_model(name, num_classes=num_classes, in_chans=size[0])
     return model_summary(model, size, name=name).to_text()
+
+
+def _run(args) -> int:
+    if args.action == "list":
+        print(cmd_models_list(args))
+        return 0
+    if not args.name:
+        raise SystemExit("trainyard models summary needs a model name")
+    print(cmd_models_summary(args.name, args.input, args.num_classes))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model zoo, or print a model's layer-by-layer summary")
+    p.add_argument("action", choices=["list", "summary"])
+    p.add_argument("name", nargs="?", help="summary: the model name")
+    p.add_argument("--input", default="1x28x28", help="summary: input size CxHxW")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--pattern", help="list: only names matching this glob")
+    p.add_argument("--timm", action="store_true", help="list: include timm's models")
+    p.set_defaults(func=_run)

@@ -28,7 +28,7 @@ def banner(text: str) -> None:
 
 
 def stage_services() -> dict:
-    from shared.local_stack import status, up
+    from cli.local_stack import status, up
 
     banner("1. services")
     state = up(deadline_s=180)
@@ -187,7 +187,7 @@ def stage_serving(state: dict, runs: list, digits: str) -> None:
 
 
 def main() -> int:
-    from shared.local_stack import down
+    from cli.local_stack import down
 
     home = REPO / ".trainyard" / "demo"
     shutil.rmtree(home, ignore_errors=True)

@@ -5,7 +5,8 @@ The format (one JSON object per model): ``entities`` maps an id to a Sketch or a
 model's box. Sketch curve points are 2D coordinates in the sketch frame (their ``z`` is 0); the
 sketch ``transform`` (origin, x_axis, y_axis, z_axis) places that frame in the world.
 
-Everything here is pure data: geometry.py turns it into a solid, describe.py into text.
+The DeepCAD format is a contract two services share: the render service rebuilds and rasterises these
+models, the convert service describes them in words. Everything here is pure data.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, NotFound
+from shared.storage import is_url, open_store
 
 OPERATIONS = {
     "NewBodyFeatureOperation": "new",
@@ -309,3 +311,27 @@ def load_cad_json(path: str | Path) -> dict:
         return json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as exc:
         raise CadFormatError(f"{Path(path).name}: cannot read JSON ({exc})") from None
+
+
+# Files a published dataset carries beside its models: never cad_json inputs.
+_BOOKKEEPING = {"MANIFEST.json", "metadata.json"}
+
+
+def list_cad_json(location: str | Path) -> tuple[list[str], str | None]:
+    """(sorted cad_json paths or keys, the store URL they are keys in or None) under ``location``.
+
+    The output of `render cad-synth` is a published dataset, so its manifest and metadata are skipped.
+    """
+    loc = str(location)
+    if is_url(loc):
+        keys = [k for k in open_store(loc).list() if k.endswith(".json")]
+        inputs, source = keys, loc
+    else:
+        root = Path(loc)
+        if not root.is_dir():
+            raise NotFound(f"cad_json input directory {root} does not exist")
+        inputs, source = [str(p) for p in root.rglob("*.json")], None
+    inputs = sorted(k for k in inputs if k.rsplit("/", 1)[-1] not in _BOOKKEEPING and "/_shards/" not in k)
+    if not inputs:
+        raise InvalidArgument(f"no .json files under {loc}")
+    return inputs, source

@@ -1,0 +1,116 @@
+"""``trainyard train`` and ``trainyard runs``: training runs through the train service."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from shared.errors import NotFound
+
+
+def _train_stub(args):
+    from shared.grpc_client import channel
+    from shared.pb import train_pb2_grpc
+
+    return train_pb2_grpc.TrainServiceStub(channel(args.server))
+
+
+def _state(run) -> str:
+    from shared.pb import train_pb2
+
+    return train_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_")
+
+
+def print_run(run) -> None:
+    print(f"run {run.run_id}  {_state(run)}  backend={run.backend}  model={run.model}  epoch {run.epoch}/{run.epochs}")
+    if run.metrics:
+        print("  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(run.metrics.items())))
+    if run.message:
+        print(f"  {run.message}")
+    if run.mlflow_run_id:
+        print(f"  mlflow run: {run.mlflow_run_id}")
+    if run.model_uri:
+        print(f"  model: {run.model_uri}")
+
+
+def watch(stub, run_id: str) -> int:
+    """Follow a run with a progress bar over epochs; exit code 0 only when it succeeded."""
+    from tqdm import tqdm
+
+    from shared.pb import train_pb2
+
+    bar = None
+    last = None
+    for event in stub.WatchRun(train_pb2.WatchRunRequest(run_id=run_id)):
+        if event.HasField("run"):
+            last = event.run
+            if bar is None:
+                bar = tqdm(total=last.epochs, initial=last.epoch, desc=run_id, unit="epoch")
+            bar.set_postfix_str(_state(last))
+        elif bar is not None:
+            bar.n = event.epoch.epoch
+            m = event.epoch.metrics
+            bar.set_postfix({k: f"{m[k]:.4f}" for k in ("train_loss", "val_acc") if k in m})
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    if last is not None:
+        last = stub.GetRun(train_pb2.GetRunRequest(run_id=run_id))
+        print_run(last)
+    return 0 if last is not None and last.state == train_pb2.RUN_STATE_SUCCEEDED else 1
+
+
+def _cmd_train(args) -> int:
+    from shared.pb import train_pb2
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise NotFound(f"config file {path} does not exist")
+    stub = _train_stub(args)
+    run = stub.SubmitRun(train_pb2.SubmitRunRequest(
+        config_yaml=path.read_text(), overrides=args.set, backend=args.backend or "", run_id=args.run_id or "",
+        replicas=args.replicas))
+    print_run(run)
+    return watch(stub, run.run_id) if args.watch else 0
+
+
+def _cmd_runs(args) -> int:
+    from shared.pb import train_pb2
+
+    stub = _train_stub(args)
+    if args.action == "list":
+        runs = stub.ListRuns(train_pb2.ListRunsRequest(limit=args.limit)).runs
+        print(f"{'run id':<34} {'state':<10} {'backend':<10} {'model':<24} {'epoch':>7}  val_acc")
+        for r in runs:
+            acc = f"{r.metrics['val_acc']:.4f}" if "val_acc" in r.metrics else "-"
+            print(f"{r.run_id:<34} {_state(r):<10} {r.backend:<10} {r.model:<24} {r.epoch:>3}/{r.epochs:<3}  {acc}")
+        return 0
+    if not args.run_id:
+        raise SystemExit(f"trainyard runs {args.action} needs a run id")
+    if args.action == "show":
+        print_run(stub.GetRun(train_pb2.GetRunRequest(run_id=args.run_id)))
+        return 0
+    if args.action == "watch":
+        return watch(stub, args.run_id)
+    print_run(stub.CancelRun(train_pb2.CancelRunRequest(run_id=args.run_id)))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    train_addr = os.environ.get("TRAINYARD_TRAIN_SERVER", "127.0.0.1:50053")
+    p = sub.add_parser("train", help="submit a training run to the train service")
+    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--backend", choices=["local", "kubernetes"], help="default: the server's")
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel processes / pods")
+    p.add_argument("--run-id", help="resume this run from its newest checkpoint")
+    p.add_argument("--watch", action="store_true", help="follow the run with a progress bar until it ends")
+    p.add_argument("--server", default=train_addr, help="train service address")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("runs", help="list, show, watch or cancel training runs")
+    p.add_argument("action", choices=["list", "show", "watch", "cancel"])
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--server", default=train_addr, help="train service address")
+    p.set_defaults(func=_cmd_runs)

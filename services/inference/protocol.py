@@ -1,0 +1,213 @@
+"""The Open Inference Protocol (KServe v2) wire format <-> tensors, for the inference servicer.
+
+Inputs (exactly one per request) reach a model as one float NCHW batch at its input size:
+- ``images``  UINT8 [N, H, W, C], any height/width, 1, 3 or 4 channels: turned into the model's input by
+  the model's ``shared.preprocess.Preprocessor`` (channels matched, normalised, resized);
+- ``tensor``  FP32 [N, C, H, W] exactly the model's input size, already preprocessed: used untouched
+  (zero-copy from the request bytes);
+- ``encoded`` BYTES [N], one encoded PNG/JPEG/... image per element: decoded with PIL at the model's size,
+  then as ``images``.
+Tensors travel in ``raw_input_contents``; typed ``contents`` are accepted too.
+
+Outputs: ``probabilities`` FP32 [N, classes] and ``labels`` BYTES [N] (top-1 class name), or [N, k] when
+the requested ``labels`` output carries the parameter ``top_k``; always in ``raw_output_contents``.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from shared.bytes_tensor import deserialize_bytes_tensor, serialize_bytes_tensor
+from shared.errors import InvalidArgument
+from shared.pb import inference_pb2 as pb
+from shared.preprocess import Preprocessor
+
+# The request's raw bytes are immutable and nothing downstream writes into an input tensor, so the
+# zero-copy view over them is safe; torch would otherwise warn on every request.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+INPUT_IMAGES = "images"
+INPUT_TENSOR = "tensor"
+INPUT_ENCODED = "encoded"
+INPUT_DATATYPES = {INPUT_IMAGES: "UINT8", INPUT_TENSOR: "FP32", INPUT_ENCODED: "BYTES"}
+OUTPUT_PROBS = "probabilities"
+OUTPUT_LABELS = "labels"
+OUTPUTS = (OUTPUT_PROBS, OUTPUT_LABELS)
+_NP_DTYPES = {"UINT8": np.uint8, "FP32": np.dtype("<f4")}
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+def int_param(p: pb.InferParameter, what: str) -> int:
+    kind = p.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        return int(getattr(p, kind))
+    if kind == "string_param" and p.string_param.strip().isdigit():
+        return int(p.string_param)
+    raise InvalidArgument(f"{what} must be an integer parameter")
+
+
+def repository_version(params) -> str | int | None:
+    """The ``version`` parameter of a repository load/unload request (string or int64), if any."""
+    if "version" not in params:
+        return None
+    p = params["version"]
+    kind = p.WhichOneof("parameter_choice")
+    if kind == "string_param":
+        return p.string_param
+    if kind == "int64_param":
+        return p.int64_param
+    raise InvalidArgument("parameter 'version' must be a string or int64")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def element_count(name: str, shape: list[int]) -> int:
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """A numeric input's raw bytes as an array of ``shape``, checking the byte count (no copy)."""
+    dtype = np.dtype(_NP_DTYPES[datatype])
+    count = element_count(name, shape)
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidArgument(f"input {name!r}: {len(raw)} raw bytes, but {datatype} of shape {list(shape)} "
+                              f"needs {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _blob_count(shape: list[int]) -> int:
+    if len(shape) == 1 or (len(shape) == 2 and shape[1] == 1):
+        if shape[0] < 1:
+            raise InvalidArgument(f"input {INPUT_ENCODED!r} has an empty batch")
+        return shape[0]
+    raise InvalidArgument(f"input {INPUT_ENCODED!r} must have shape [N] or [N, 1], got {shape}")
+
+
+def _from_contents(inp, shape: list[int]) -> np.ndarray | list[bytes]:
+    """Typed ``contents`` (the non-raw form): UINT8 travels in uint_contents, FP32 in fp32_contents."""
+    c = inp.contents
+    if inp.name == INPUT_ENCODED:
+        blobs = list(c.bytes_contents)
+        if len(blobs) != _blob_count(shape):
+            raise InvalidArgument(f"input {inp.name!r}: {len(blobs)} bytes_contents for shape {shape}")
+        return blobs
+    if inp.name == INPUT_IMAGES:
+        values = np.asarray(c.uint_contents, dtype=np.uint32)
+        if values.size and values.max() > 255:
+            raise InvalidArgument(f"input {inp.name!r}: UINT8 contents hold values above 255")
+        values = values.astype(np.uint8)
+    else:
+        values = np.asarray(c.fp32_contents, dtype=np.float32)
+    count = element_count(inp.name, shape)
+    if values.size != count:
+        raise InvalidArgument(f"input {inp.name!r}: {values.size} values in contents, shape {shape} needs {count}")
+    return values.reshape(shape)
+
+
+def _tensor_batch(arr: np.ndarray, pre: Preprocessor) -> torch.Tensor:
+    expected = (pre.channels, pre.height, pre.width)
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != expected:
+        raise InvalidArgument(f"input {INPUT_TENSOR!r} must be FP32 [N, {', '.join(map(str, expected))}] "
+                              f"(already preprocessed), got shape {list(arr.shape)}")
+    if arr.shape[0] == 0:
+        raise InvalidArgument(f"input {INPUT_TENSOR!r} has an empty batch")
+    return torch.from_numpy(arr)
+
+
+def _image_batch(arr: np.ndarray, pre: Preprocessor) -> torch.Tensor:
+    if arr.ndim != 4 or arr.shape[3] not in (1, 3, 4):
+        raise InvalidArgument(f"input {INPUT_IMAGES!r} must be UINT8 [N, H, W, C] with C in 1, 3, 4, "
+                              f"got shape {list(arr.shape)}")
+    if min(arr.shape[:3]) == 0:
+        raise InvalidArgument(f"input {INPUT_IMAGES!r} has an empty dimension: {list(arr.shape)}")
+    return pre(torch.from_numpy(arr).permute(0, 3, 1, 2))  # a view: NCHW strides over the NHWC bytes
+
+
+def _encoded_batch(blobs: list[bytes], pre: Preprocessor) -> torch.Tensor:
+    mode = "L" if pre.channels == 1 else "RGB"
+    out = np.empty((len(blobs), pre.height, pre.width, 1 if mode == "L" else 3), np.uint8)
+    for i, blob in enumerate(blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                im = im.convert(mode)
+                if im.size != (pre.width, pre.height):
+                    im = im.resize((pre.width, pre.height), Image.Resampling.BILINEAR)
+                out[i] = np.asarray(im).reshape(pre.height, pre.width, -1)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise InvalidArgument(f"input {INPUT_ENCODED!r} element {i} ({len(blob)} bytes) is not a "
+                                  f"decodable image: {exc}") from None
+    return pre(torch.from_numpy(out).permute(0, 3, 1, 2))
+
+
+def decode_input(request: pb.ModelInferRequest, pre: Preprocessor) -> torch.Tensor:
+    """The request's one input as the float NCHW batch the model takes."""
+    if len(request.inputs) != 1:
+        raise InvalidArgument(f"send exactly one input ({INPUT_IMAGES} UINT8 NHWC, {INPUT_TENSOR} FP32 NCHW "
+                              f"or {INPUT_ENCODED} BYTES), got {len(request.inputs)}")
+    inp = request.inputs[0]
+    expected = INPUT_DATATYPES.get(inp.name)
+    if expected is None:
+        raise InvalidArgument(f"unknown input {inp.name!r}: use {', '.join(INPUT_DATATYPES)}")
+    if inp.datatype != expected:
+        raise InvalidArgument(f"input {inp.name!r} must be {expected}, got datatype {inp.datatype!r}")
+    shape = list(inp.shape)
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
+        if inp.HasField("contents"):
+            raise InvalidArgument(f"input {inp.name!r} has both contents and raw_input_contents")
+        raw = request.raw_input_contents[0]
+        data = deserialize_bytes_tensor(raw, _blob_count(shape)) if inp.name == INPUT_ENCODED \
+            else tensor_from_raw(inp.name, expected, shape, raw)
+    else:
+        data = _from_contents(inp, shape)
+    if inp.name == INPUT_ENCODED:
+        return _encoded_batch(data, pre)
+    return _tensor_batch(data, pre) if inp.name == INPUT_TENSOR else _image_batch(data, pre)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def requested_outputs(request: pb.ModelInferRequest, num_classes: int) -> dict[str, int]:
+    """Output name -> top_k (labels only; 0 = top-1 as [N]). All outputs when none are named."""
+    if not request.outputs:
+        return {OUTPUT_PROBS: 0, OUTPUT_LABELS: 0}
+    out: dict[str, int] = {}
+    for o in request.outputs:
+        if o.name not in OUTPUTS:
+            raise InvalidArgument(f"unknown output {o.name!r}: this model has {', '.join(OUTPUTS)}")
+        top_k = 0
+        if o.name == OUTPUT_LABELS and "top_k" in o.parameters:
+            top_k = int_param(o.parameters["top_k"], "output 'labels' parameter top_k")
+            if top_k < 1:
+                raise InvalidArgument(f"top_k must be >= 1, got {top_k}")
+            top_k = min(top_k, num_classes)
+        out[o.name] = top_k
+    return out
+
+
+def encode_response(request: pb.ModelInferRequest, name: str, version: int, classes: list[str],
+                    probs: torch.Tensor, outputs: dict[str, int]) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request.id)
+    n, k = probs.shape
+    for output, top_k in outputs.items():
+        if output == OUTPUT_PROBS:
+            response.outputs.add(name=output, datatype="FP32", shape=[n, k])
+            response.raw_output_contents.append(probs.numpy().tobytes())
+            continue
+        if top_k:
+            idx, shape = torch.topk(probs, top_k, dim=1).indices, [n, top_k]
+        else:
+            idx, shape = probs.argmax(dim=1), [n]
+        response.outputs.add(name=output, datatype="BYTES", shape=shape)
+        names = [classes[i].encode() for i in idx.reshape(-1).tolist()]
+        response.raw_output_contents.append(serialize_bytes_tensor(names))
+    return response

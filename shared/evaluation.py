@@ -1,0 +1,102 @@
+"""Evaluation metrics, one definition for every table the platform prints.
+
+Classification metrics come from a (true x predicted) confusion matrix and follow scikit-learn's
+definitions (``precision_recall_fscore_support`` with ``zero_division=0``): a class's precision is 0 when
+it is never predicted, its recall 0 when it never occurs, and the macro averages run over every class
+that occurs in the labels or in the predictions (sklearn's default label set), so a class that is only
+ever predicted, wrongly, pulls the macro precision down.
+
+Calibration: the expected calibration error over 15 equal-width confidence bins (Guo et al., 2017; the
+bin m holds confidences in ((m-1)/15, m/15]), kept as per-bin sums so that batches and ranks add up, and
+temperature scaling fitted on validation logits. These are computed here rather than with a metrics
+library because the engine accumulates them on the device across batches and ranks in the same pass
+(and the same all-reduce) as its confusion matrix.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+ECE_BINS = 15
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w\-. ]", "_", name)
+
+
+def classification_metrics(confusion: torch.Tensor, classes: list[str], prefix: str = "val") -> dict[str, float]:
+    """Accuracy, macro + per-class precision/recall/F1 and per-class accuracy from a (true x pred) confusion
+    matrix, named ``<prefix>_<metric>`` and ``<prefix>_<metric>/<class>``."""
+    cm = confusion.double()
+    tp = cm.diag()
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                     torch.zeros_like(tp))
+    seen = (support > 0) | (predicted > 0)
+
+    def macro(values: torch.Tensor) -> float:
+        return float(values[seen].mean()) if seen.any() else 0.0
+
+    out = {
+        f"{prefix}_acc": float(tp.sum() / cm.sum().clamp(min=1)),
+        f"{prefix}_precision": macro(precision),
+        f"{prefix}_recall": macro(recall),
+        f"{prefix}_f1": macro(f1),
+    }
+    for i, name in enumerate(classes):
+        n = _safe_name(name)
+        out[f"{prefix}_class_acc/{n}"] = float(recall[i])
+        out[f"{prefix}_precision/{n}"] = float(precision[i])
+        out[f"{prefix}_recall/{n}"] = float(recall[i])
+        out[f"{prefix}_f1/{n}"] = float(f1[i])
+    return out
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> torch.Tensor:
+    """(3, n_bins) float64 sums per confidence bin: sample count, summed confidence, summed correctness.
+
+    Sums of batches (and of ranks) are the sums of the whole set, so the ECE of a split is exact however it
+    was batched.
+    """
+    conf, pred = probs.max(dim=1)
+    idx = (conf * n_bins).ceil().long().clamp_(1, n_bins) - 1
+    out = torch.zeros(3, n_bins, dtype=torch.float64, device=probs.device)
+    out[0].index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
+    out[1].index_add_(0, idx, conf.double())
+    out[2].index_add_(0, idx, (pred == labels).double())
+    return out
+
+
+def expected_calibration_error(bins: torch.Tensor) -> float:
+    """sum over bins of (n_b / N) * |accuracy_b - confidence_b|."""
+    count, conf, correct = (bins[i].double() for i in range(3))
+    total = float(count.sum())
+    if total == 0:
+        return 0.0
+    return float((correct - conf).abs().sum() / total)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` on held-out (validation) data.
+
+    Optimised over log T with L-BFGS, as in Guo et al.; T > 1 softens an over-confident model.
+    """
+    logits, labels = logits.detach().double(), labels.detach()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return t if math.isfinite(t) and t > 0 else 1.0

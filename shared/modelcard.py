@@ -1,0 +1,175 @@
+"""The published-model format: ``models/<name>/<version>/`` in the artifact store, and its typed card.
+
+A published model is ``model.safetensors`` + ``model_card.json`` under one manifest (see
+``shared.storage``): the training engine publishes it, the benchmark measures it, the inference server
+serves it. The card says how to rebuild the module (``architecture`` + the exact ``model_kwargs`` given
+to ``shared.models.create_model``) and how to feed it (``input_size``, ``normalization``), so loading
+never needs the training config, and weights are read with safetensors only (nothing is unpickled).
+
+Model references, wherever a command takes one: ``store:models/<name>[/<version>]`` (or the bare
+``models/<name>/<version>`` a run reports as its ``model_uri``).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+from shared.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound
+from shared.logs import get_logger
+from shared.names import validate_name
+
+log = get_logger(__name__)
+
+MODELS_ROOT = "models"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model_card.json"
+
+
+class Normalization(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mean: list[float]
+    std: list[float]
+
+
+class ModelCard(BaseModel):
+    """What a published model is and how to feed it. Unknown keys are kept (a newer writer's fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: int = Field(ge=0)
+    architecture: str
+    model_kwargs: dict[str, Any]
+    classes: list[str]
+    input_size: list[int] = Field(min_length=3, max_length=3)
+    normalization: Normalization
+    metrics: dict[str, float] = Field(default_factory=dict)
+    run_id: str
+    created: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+    mlflow_run_id: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value, "model name")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes(cls, value: Any) -> Any:
+        return [str(c) for c in value] if isinstance(value, (list, tuple)) else value
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, source: str = CARD_FILE) -> ModelCard:
+        """Parse and validate a card; anything malformed is stored data gone bad: IntegrityError."""
+        try:
+            return cls.model_validate(json.loads(data))
+        except json.JSONDecodeError as exc:
+            raise IntegrityError(f"{source} is not valid JSON: {exc}") from exc
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+            raise IntegrityError(f"{source} is not a valid model card: {problems}") from exc
+
+
+def model_prefix(name: str, version: int) -> str:
+    return f"{MODELS_ROOT}/{validate_name(name, 'model name')}/{int(version)}"
+
+
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """``store:models/<name>[/<version>]`` or ``models/<name>/<version>`` -> (name, version or None)."""
+    body = ref.removeprefix("store:").strip("/")
+    body = body.removeprefix(f"{MODELS_ROOT}/")
+    name, _, version = body.partition("/")
+    if version and not version.isdigit():
+        raise InvalidArgument(f"model reference {ref!r}: the version must be a number, got {version!r}")
+    return validate_name(name, "model name"), int(version) if version else None
+
+
+def list_published(store, name: str | None = None) -> dict[str, list[int]]:
+    """Every published model in ``store`` (or only ``name``) -> its versions, ascending (prefixes with a
+    manifest only)."""
+    base = f"{MODELS_ROOT}/{validate_name(name, 'model name')}/" if name else f"{MODELS_ROOT}/"
+    found: dict[str, set[int]] = {}
+    for prefix in store.list_published(base):
+        parts = prefix.split("/")
+        if len(parts) == 3 and parts[2].isdigit():
+            found.setdefault(parts[1], set()).add(int(parts[2]))
+    return {model: sorted(v) for model, v in sorted(found.items())}
+
+
+def list_versions(store, name: str) -> list[int]:
+    """Published integer versions of ``name``, ascending."""
+    return list_published(store, name).get(name, [])
+
+
+def publish_model(store, card: ModelCard, weights: bytes, attempts: int = 5,
+                  extra_files: dict[str, bytes] | None = None) -> tuple[int, str]:
+    """Publish under the next free integer version; returns (version, prefix).
+
+    Two runs exporting the same name at once could pick the same number: the publish re-checks the
+    prefix right before writing and moves on to the next number, which narrows (not closes) that window.
+    """
+    existing = list_versions(store, card.name)
+    version = (existing[-1] + 1) if existing else 1
+    for _ in range(attempts):
+        prefix = model_prefix(card.name, version)
+        if store.is_published(prefix) or store.list(prefix + "/"):
+            version += 1
+            continue
+        final = card.model_copy(update={"version": version})
+        files = {WEIGHTS_FILE: weights, CARD_FILE: final.to_json(), **(extra_files or {})}
+        store.publish(prefix, files, meta={"name": card.name, "version": version, "run_id": card.run_id})
+        log.info("model published", extra={"model": card.name, "version": version, "prefix": prefix})
+        return version, prefix
+    raise AlreadyExists(f"could not find a free version for model {card.name} after {attempts} attempts")
+
+
+def _resolve_version(store, name: str, version: int | None) -> int:
+    if version is not None:
+        return version
+    versions = list_versions(store, name)
+    if not versions:
+        raise NotFound(f"no published versions of model {name!r}")
+    return versions[-1]
+
+
+def read_card(store, name: str, version: int | None = None) -> ModelCard:
+    """The validated card of ``name`` (newest version when None); its bytes are checked against the manifest."""
+    version = _resolve_version(store, name, version)
+    prefix = model_prefix(name, version)
+    if not store.is_published(prefix):
+        raise NotFound(f"model {name!r} version {version} is not published")
+    return ModelCard.from_json(store.get_verified(prefix, CARD_FILE), f"{prefix}/{CARD_FILE}")
+
+
+def build_module(card: ModelCard, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """Rebuild ``card``'s architecture and load ``state`` strictly: weights that do not fit fail loudly."""
+    from shared.models import create_model
+
+    model = create_model(card.architecture, **card.model_kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise IntegrityError(f"{source}: weights do not fit architecture {card.architecture}: {exc}") from exc
+    return model.eval()
+
+
+def load_published(store, name: str, version: int | None = None,
+                   device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+    """Rebuild a published model in eval mode and return ``(model, card)``; newest version when None."""
+    card = read_card(store, name, version)
+    prefix = model_prefix(name, card.version)
+    try:
+        state = st_load(store.get_verified(prefix, WEIGHTS_FILE))
+    except SafetensorError as exc:
+        raise IntegrityError(f"{prefix}/{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
+    return build_module(card, state, prefix).to(device), card
