@@ -50,7 +50,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default: all usable cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dataset", help="MNIST IDX or CIFAR-10 folder: measure accuracy, fp32 vs int8")
+    p.add_argument("--dataset", help="MNIST IDX or CIFAR-10 folder: accuracy on its test split, fp32 vs int8")
     p.add_argument("--no-quantize", action="store_true", help="skip the int8 measurements")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--out", help="write the Markdown table here, with .csv and .png beside it")

@@ -5,8 +5,10 @@
                trajectory videos, logos and MNIST-format digits, rendered through RenderService;
 3. training  — the three MNIST setups train for a few epochs on a 2,000-digit subset through TrainService,
                as three runs of one MLflow experiment, compared in a table;
-4. serving   — the best model is served by the inference service and classifies test digits
-               through the gRPC client; the three MNIST models are benchmarked.
+4. serving   — the model selected on validation is served by the inference service and classifies test
+               digits through the gRPC client; the three MNIST models are benchmarked;
+5. a study   — three timm backbones x two training-set sizes on rendered CIFAR-format data, two trials at
+               a time through TrainService, each model benchmarked, the table and report from MLflow.
 
 Everything lands in ``.trainyard/demo`` (TRAINYARD_HOME for the demo), recreated on each run.
 """
@@ -60,7 +62,7 @@ def stage_datasets(state: dict, data: Path) -> dict[str, str]:
     render = render_pb2_grpc.RenderServiceStub(channel(state["render"]["address"]))
     convert = convert_pb2_grpc.ConvertServiceStub(channel(state["convert"]["address"]))
     out = {name: str(data / name) for name in ("cad_json", "cad_views", "tinyllava", "trajectories", "logos",
-                                                 "digits")}
+                                                 "digits", "cifar")}
     workers = os.cpu_count() or 1
     jobs = [
         ("cad-synth", render_pb2.RenderRequest(out=out["cad_json"], count=200, seed=1, workers=workers,
@@ -73,6 +75,8 @@ def stage_datasets(state: dict, data: Path) -> dict[str, str]:
                                            logos=render_pb2.LogoRender(image_size=128))),
         ("digits", render_pb2.RenderRequest(out=out["digits"], count=6000, seed=4, workers=workers,
                                             digits=render_pb2.DigitRender(test_count=1000))),
+        ("cifar-format", render_pb2.RenderRequest(out=out["cifar"], count=2500, seed=5, workers=workers,
+                                                  cifar_synth=render_pb2.CifarSynthRender(test_count=500))),
     ]
     for label, request in jobs:
         last = _render(render, request, label)
@@ -110,7 +114,7 @@ def stage_training(state: dict, digits: str, epochs: int = 3, subset: int = 2000
         config = (REPO / "configs" / f"{name}.yaml").read_text()
         run = stub.SubmitRun(train_pb2.SubmitRunRequest(
             config_yaml=config, overrides=[f"data.path={digits}", f"epochs={epochs}", f"data.subset={subset}",
-                                           "experiment=demo-mnist", f"run_name={name}"]))
+                                           "experiment=demo-mnist"]))
         print(f"  submitted {run.run_id} ({name})")
         runs.append(run.run_id)
     finished = []
@@ -130,34 +134,54 @@ def stage_training(state: dict, digits: str, epochs: int = 3, subset: int = 2000
 
 
 def print_comparison(runs) -> None:
-    """The comparison table, read back from MLflow: what the MLflow UI shows side by side."""
+    """The comparison table: each run's selected model (its card: validation at the selected epoch, test
+    evaluated once at the end) beside what MLflow recorded of the run."""
     from mlflow import MlflowClient
 
-    from shared.models import create_model
+    from shared.modelcard import parse_model_ref, read_card
     from shared.settings import load_settings
+    from shared.storage import open_store
 
-    client = MlflowClient(load_settings().mlflow_uri)
-    print(f"\n  {'model':<18} {'params':>10} {'train acc':>9} {'val acc':>8} {'gap':>7} {'samples/s':>10}  mlflow run")
+    settings = load_settings()
+    client, store = MlflowClient(settings.mlflow_uri), open_store(settings.store_url)
+    print(f"\n  {'model':<18} {'params':>10} {'train acc':>9} {'val acc':>8} {'test acc':>8} {'gap':>7} "
+          f"{'val ECE':>7} {'samples/s':>10}  MLflow run")
     for run in runs:
-        metrics = client.get_run(run.mlflow_run_id).data.metrics
-        params = sum(p.numel() for p in create_model(run.model).parameters())
-        print(f"  {run.model:<18} {params:>10,} {metrics.get('train_acc', float('nan')):>9.4f} "
-              f"{metrics.get('val_acc', float('nan')):>8.4f} {metrics.get('overfit_gap', float('nan')):>7.4f} "
-              f"{metrics.get('samples_per_second', float('nan')):>10.0f}  {run.mlflow_run_id}")
+        ref = parse_model_ref(run.model_uri)
+        card = read_card(store, ref.name, ref.version)
+        mlflow_run = client.get_run(run.mlflow_run_id)
+        m, logged = card.metrics, mlflow_run.data.metrics
+        print(f"  {run.model:<18} {int(logged['num_params']):>10,} {m['train_acc']:>9.4f} {m['val_acc']:>8.4f} "
+              f"{m['test_acc']:>8.4f} {m['overfit_gap']:>7.4f} {m['val_ece']:>7.4f} "
+              f"{logged['samples_per_second']:>10.0f}  {mlflow_run.info.run_name}")
+    print(f"  val acc: the selected epoch, on {card.val_source}; test acc: the test split, evaluated once at the "
+          "end; gap: train acc (eval mode, no augmentation) - val acc")
+    sample = client.get_run(runs[-1].mlflow_run_id)
+    system = sorted(k for k in sample.data.metrics if k.startswith("system/"))
+    dataset = sample.inputs.dataset_inputs[0].dataset
+    print(f"  MLflow: source commit {sample.data.tags.get('mlflow.source.git.commit', '?')[:12]}, dataset "
+          f"{dataset.name} (digest {dataset.digest}), {len(system)} system metrics ({', '.join(system[:3])}, ...)")
 
 
 def stage_serving(state: dict, runs: list, digits: str) -> None:
     from shared.data import read_mnist
     from shared.grpc_client import channel
     from shared.inference_client import InferenceClient
+    from shared.modelcard import parse_model_ref, read_card
     from shared.pb import benchmark_pb2, benchmark_pb2_grpc
+    from shared.settings import load_settings
+    from shared.storage import open_store
 
     banner("4. serving and benchmarking")
-    best = max(runs, key=lambda r: r.metrics.get("val_acc", 0.0))
-    name, version = best.model_uri.split("/")[1:3]
+    store = open_store(load_settings().store_url)
+    refs = {r.run_id: parse_model_ref(r.model_uri) for r in runs}
+    cards = {run_id: read_card(store, ref.name, ref.version) for run_id, ref in refs.items()}
+    best = max(runs, key=lambda r: cards[r.run_id].metrics["val_acc"])  # chosen on validation, never on test
+    name, version = refs[best.run_id].name, refs[best.run_id].version
     client = InferenceClient(state["inference"]["address"])
-    client.load_model(name, version)
-    print(f"  serving {best.model_uri} (val_acc {best.metrics['val_acc']:.4f}) at {state['inference']['address']}")
+    client.load_model(name, alias="champion")
+    print(f"  serving {name}@champion = {best.model_uri} (selected on validation: val acc "
+          f"{cards[best.run_id].metrics['val_acc']:.4f}) at {state['inference']['address']}")
     _, test = read_mnist(digits)
     picks = list(range(0, len(test.labels), len(test.labels) // 12))[:12]
     images = [test.images[i, 0].numpy() for i in picks]
@@ -177,13 +201,59 @@ def stage_serving(state: dict, runs: list, digits: str) -> None:
         quantize=True, dataset=digits, out=str(table))
     results = [e.result for e in stub.Benchmark(request) if e.HasField("result")]
     print(f"\n  {'model':<30} {'params (M)':>10} {'GMACs':>7} {'latency (ms)':>12} {'img/s @64':>10} "
-          f"{'peak MB':>8} {'acc fp32 %':>10} {'acc int8 %':>10}")
+          f"{'peak MB':>8} {'test acc fp32 %':>15} {'test acc int8 %':>15}")
     for r in results:
         bs64 = {t.batch_size: t.samples_per_second for t in r.throughput}.get(64, 0.0)
         print(f"  {r.model:<30} {r.params_total / 1e6:>10.3f} {r.gmacs:>7.4f} {r.latency_p50_ms:>12.2f} "
-              f"{bs64:>10.0f} {r.peak_memory_mb:>8.1f} {r.accuracy_fp32:>10.2f} {r.accuracy_int8:>10.2f}"
+              f"{bs64:>10.0f} {r.peak_memory_mb:>8.1f} {r.accuracy_fp32:>15.2f} {r.accuracy_int8:>15.2f}"
               + (f"  error: {r.error}" if r.error else ""))
     print(f"  full table (all columns, CSV and plot beside it): {table}")
+
+
+STUDY_SPEC = """
+name: demo-cifar
+base_config:
+  experiment: demo-cifar
+  model: {{name: resnet10t}}
+  data: {{kind: cifar10, path: {path}, augment: {{crop: 4, flip: true}}}}
+  epochs: 3
+  batch_size: 64
+  optimizer: {{name: adamw, lr: 0.003, weight_decay: 0.05}}
+  scheduler: {{name: cosine}}
+grid:
+  model.name: [mobilenetv3_small_100, resnet10t, convnextv2_atto]
+  data.subset: [500, 2000]
+parallelism: 2
+benchmark: {{input_shape: [3, 32, 32], batch_sizes: [1, 64], iterations: 20, throughput_seconds: 0.5}}
+report:
+  title: "Demo study: three timm backbones x two training-set sizes (rendered CIFAR-format data)"
+  columns: [params_m, train_acc, val_acc, test_acc, gap, epochs, train_time, latency_ms, status]
+"""
+
+
+def stage_study(state: dict, cifar: str) -> None:
+    """A small study through the train service: 3 models x 2 training-set sizes, benchmarked, reported."""
+    from cli.studies import print_study
+    from shared.grpc_client import channel
+    from shared.pb import train_pb2, train_pb2_grpc
+    from shared.settings import load_settings
+    from shared.storage import open_store
+
+    banner("5. a study")
+    stub = train_pb2_grpc.TrainServiceStub(channel(state["train"]["address"]))
+    study = stub.SubmitStudy(train_pb2.SubmitStudyRequest(spec_yaml=STUDY_SPEC.format(path=cifar)))
+    print(f"  submitted study {study.study_id}: {len(study.trials)} trials, 2 at a time")
+    done = 0
+    for event in stub.WatchStudy(train_pb2.WatchStudyRequest(study_id=study.study_id)):
+        if event.HasField("trial") and event.trial.state in ("SUCCEEDED", "FAILED", "CANCELLED", "PRUNED"):
+            done += 1
+            print(f"  [{done}/{len(study.trials)}] trial {event.trial.trial_id} {event.trial.state.lower()}"
+                  + (f": {event.trial.message}" if event.trial.message else ""))
+    study = stub.GetStudy(train_pb2.GetStudyRequest(study_id=study.study_id))
+    report = open_store(load_settings().store_url).get_bytes(f"studies/{study.study_id}/report/report.md").decode()
+    # The report's first table: the training results, one row per model and size.
+    print("\n  " + report.split("### ", 2)[1].split("\n### ")[0].replace("\n", "\n  "))
+    print_study(study)
 
 
 def main() -> int:
@@ -203,6 +273,7 @@ def main() -> int:
         data = stage_datasets(state, home / "data")
         runs = stage_training(state, data["digits"])
         stage_serving(state, runs, data["digits"])
+        stage_study(state, data["cifar"])
     finally:
         banner("shutting down")
         print("  stopped: " + ", ".join(down()))

@@ -48,9 +48,22 @@ def cmd_models_summary(name: str, input_str: str = "1x28x28", num_classes: int |
     return model_summary(model, size, name=name).to_text()
 
 
+def cmd_models_promote(name: str, version: int, alias: str) -> str:
+    """Point the registry alias ``name@alias`` at ``version`` (the engine sets champion/challenger itself)."""
+    from shared.tracking.registry import set_alias
+
+    set_alias(None, name, alias, version)
+    return f"{name}@{alias} -> version {version}"
+
+
 def _run(args) -> int:
     if args.action == "list":
         print(cmd_models_list(args))
+        return 0
+    if args.action == "promote":
+        if not args.name or args.version is None:
+            raise SystemExit("trainyard models promote needs a model name and --version")
+        print(cmd_models_promote(args.name, args.version, args.alias))
         return 0
     if not args.name:
         raise SystemExit("trainyard models summary needs a model name")
@@ -59,9 +72,12 @@ def _run(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo, or print a model's layer-by-layer summary")
-    p.add_argument("action", choices=["list", "summary"])
-    p.add_argument("name", nargs="?", help="summary: the model name")
+    p = sub.add_parser("models", help="list the model zoo, print a model's layer-by-layer summary, or point a "
+                                      "registry alias (champion, challenger) at a published version")
+    p.add_argument("action", choices=["list", "summary", "promote"])
+    p.add_argument("name", nargs="?", help="summary: the architecture; promote: the published model's name")
+    p.add_argument("--version", type=int, help="promote: the version the alias should name")
+    p.add_argument("--alias", default="champion", help="promote: the alias (default champion)")
     p.add_argument("--input", default="1x28x28", help="summary: input size CxHxW")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--pattern", help="list: only names matching this glob")

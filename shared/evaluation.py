@@ -87,7 +87,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     Optimised over log T with L-BFGS, as in Guo et al.; T > 1 softens an over-confident model.
     """
-    logits, labels = logits.detach().double(), labels.detach()
+    # Clones: tensors made under inference_mode cannot take part in autograd.
+    logits, labels = logits.detach().double().clone(), labels.detach().clone()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 

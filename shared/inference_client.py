@@ -116,8 +116,13 @@ class InferenceClient:
         resp = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready_only))
         return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in resp.models]
 
-    def load_model(self, model: str, version: str | int | None = None) -> None:
-        self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=model, parameters=_vparam(version)))
+    def load_model(self, model: str, version: str | int | None = None, alias: str | None = None) -> None:
+        """Load ``model`` on the server: ``version``, the version its MLflow registry ``alias`` names
+        (e.g. champion), or the newest published one."""
+        params = _vparam(version)
+        if alias:
+            params["alias"] = pb.ModelRepositoryParameter(string_param=alias)
+        self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=model, parameters=params))
 
     def unload_model(self, model: str, version: str | int | None = None) -> None:
         self._call("RepositoryModelUnload",

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -54,6 +55,14 @@ class ModelCard(BaseModel):
     run_id: str
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
     mlflow_run_id: str | None = None
+    # Softmax temperature fitted on validation (1.0: none); the inference server divides logits by it.
+    temperature: float = Field(1.0, gt=0)
+    # The split model selection saw ("test" only when the config chose to select on it) and where the
+    # validation split came from; test figures in ``metrics`` are from one final evaluation.
+    selection_split: Literal["val", "test"] = "val"
+    val_source: str = ""
+    # Confusion matrices (true x predicted) of the selected model, by split.
+    confusion: dict[str, list[list[int]]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -84,14 +93,46 @@ def model_prefix(name: str, version: int) -> str:
     return f"{MODELS_ROOT}/{validate_name(name, 'model name')}/{int(version)}"
 
 
-def parse_model_ref(ref: str) -> tuple[str, int | None]:
-    """``store:models/<name>[/<version>]`` or ``models/<name>/<version>`` -> (name, version or None)."""
-    body = ref.removeprefix("store:").strip("/")
-    body = body.removeprefix(f"{MODELS_ROOT}/")
-    name, _, version = body.partition("/")
-    if version and not version.isdigit():
-        raise InvalidArgument(f"model reference {ref!r}: the version must be a number, got {version!r}")
-    return validate_name(name, "model name"), int(version) if version else None
+@dataclass(frozen=True)
+class ModelRef:
+    """A reference to a published model: a version number, a registry alias, or neither (the newest)."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def resolve(self, store, tracking_uri: str | None = None) -> int:
+        """The version number this reference names (an alias is looked up in MLflow's model registry)."""
+        if self.version is not None:
+            return self.version
+        if self.alias is not None:
+            from shared.tracking.registry import alias_version
+
+            return alias_version(tracking_uri, self.name, self.alias)
+        versions = list_versions(store, self.name)
+        if not versions:
+            raise NotFound(f"no published versions of model {self.name!r}")
+        return versions[-1]
+
+
+def parse_model_ref(ref: str) -> ModelRef:
+    """``store:models/<name>[/<version>]``, ``models/<name>/<version>`` (a run's model_uri),
+    ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` (MLflow's forms), ``<name>[:<version>]`` or
+    ``<name>@<alias>``."""
+    body = ref.strip()
+    if body.startswith("models:/"):
+        body = body[len("models:/"):]
+    else:
+        body = body.removeprefix("store:").strip("/").removeprefix(f"{MODELS_ROOT}/")
+    name, sep, rest = next(((*body.partition(c),) for c in "@/:" if c in body), (body, "", ""))
+    name = validate_name(name, "model name")
+    if sep == "@":
+        if not rest.replace("-", "_").isidentifier():
+            raise InvalidArgument(f"model reference {ref!r}: {rest!r} is not an alias")
+        return ModelRef(name, alias=rest)
+    if sep and not (rest.isdigit() and int(rest) >= 1):
+        raise InvalidArgument(f"model reference {ref!r}: the version must be a positive integer, got {rest!r}")
+    return ModelRef(name, version=int(rest) if sep else None)
 
 
 def list_published(store, name: str | None = None) -> dict[str, list[int]]:
@@ -111,18 +152,23 @@ def list_versions(store, name: str) -> list[int]:
     return list_published(store, name).get(name, [])
 
 
-def publish_model(store, card: ModelCard, weights: bytes, attempts: int = 5,
+def publish_model(store, card: ModelCard, weights: bytes, attempts: int = 5, *, version: int | None = None,
                   extra_files: dict[str, bytes] | None = None) -> tuple[int, str]:
-    """Publish under the next free integer version; returns (version, prefix).
+    """Publish under ``version``, or the next free integer version when None; returns (version, prefix).
 
     Two runs exporting the same name at once could pick the same number: the publish re-checks the
     prefix right before writing and moves on to the next number, which narrows (not closes) that window.
+    A given ``version`` that is taken is an error (the caller's numbering, e.g. the registry's, must hold).
     """
-    existing = list_versions(store, card.name)
-    version = (existing[-1] + 1) if existing else 1
-    for _ in range(attempts):
+    fixed = version is not None
+    if version is None:
+        existing = list_versions(store, card.name)
+        version = (existing[-1] + 1) if existing else 1
+    for _ in range(1 if fixed else attempts):
         prefix = model_prefix(card.name, version)
         if store.is_published(prefix) or store.list(prefix + "/"):
+            if fixed:
+                raise AlreadyExists(f"model {card.name!r} version {version} already exists in {store.url}")
             version += 1
             continue
         final = card.model_copy(update={"version": version})
@@ -133,18 +179,9 @@ def publish_model(store, card: ModelCard, weights: bytes, attempts: int = 5,
     raise AlreadyExists(f"could not find a free version for model {card.name} after {attempts} attempts")
 
 
-def _resolve_version(store, name: str, version: int | None) -> int:
-    if version is not None:
-        return version
-    versions = list_versions(store, name)
-    if not versions:
-        raise NotFound(f"no published versions of model {name!r}")
-    return versions[-1]
-
-
 def read_card(store, name: str, version: int | None = None) -> ModelCard:
     """The validated card of ``name`` (newest version when None); its bytes are checked against the manifest."""
-    version = _resolve_version(store, name, version)
+    version = ModelRef(name, version).resolve(store)
     prefix = model_prefix(name, version)
     if not store.is_published(prefix):
         raise NotFound(f"model {name!r} version {version} is not published")

@@ -84,3 +84,12 @@ def rendered() -> dict[str, list[dict]]:
     from tests.harness.kube import render_variants
 
     return render_variants()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private TRAINYARD_HOME for an in-process training run (no progress bars, no Pushgateway)."""
+    monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TRAINYARD_PROGRESS", "0")
+    monkeypatch.delenv("TRAINYARD_PUSHGATEWAY", raising=False)
+    return tmp_path / "home"

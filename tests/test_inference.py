@@ -24,7 +24,7 @@ from shared.bytes_tensor import deserialize_bytes_tensor, serialize_bytes_tensor
 from shared.data import synthetic_digits
 from shared.errors import InvalidArgument
 from shared.grpc_client import channel, health_status, wait_serving
-from shared.modelcard import ModelCard, load_published, publish_model
+from shared.modelcard import ModelCard, ModelRef, load_published, publish_model
 from shared.models import create_model
 from shared.pb import inference_pb2 as pb
 from shared.pb import inference_pb2_grpc
@@ -114,8 +114,8 @@ def served(tmp_path_factory):
     publish_random(store, "spare", seed=4)
     repo = ModelRepository(store, max_batch_size=8, max_queue_delay_ms=1.0)
     metrics_port = free_ports(1)[0]
-    host, _ = start_server(repo, [("digits", 1), ("digits", None), ("rgb", None)], metrics_port=metrics_port,
-                           max_message_bytes=MAX_MESSAGE)
+    host, _ = start_server(repo, [ModelRef("digits", 1), ModelRef("digits"), ModelRef("rgb")],
+                           metrics_port=metrics_port, max_message_bytes=MAX_MESSAGE)
     address = f"127.0.0.1:{host.port}"
     wait_serving(address, deadline_s=60)
     ch = channel(address, max_message_bytes=8 * MAX_MESSAGE)  # lets an oversized request reach the server
@@ -332,7 +332,7 @@ def test_dynamic_batching_merges_concurrent_requests(tmp_path):
     publish_random(store, "batched", seed=5)
     repo = ModelRepository(store, max_batch_size=16, max_queue_delay_ms=200.0)
     metrics_port = free_ports(1)[0]
-    host, _ = start_server(repo, [("batched", None)], metrics_port=metrics_port)
+    host, _ = start_server(repo, [ModelRef("batched")], metrics_port=metrics_port)
     address = f"127.0.0.1:{host.port}"
     try:
         wait_serving(address, deadline_s=60)
@@ -375,7 +375,7 @@ def test_not_ready_until_startup_models_load(tmp_path):
     """A start-up model that is not in the store keeps the server unready: ServerReady false, health
     NOT_SERVING, while ServerLive still answers."""
     repo = ModelRepository(open_store(tmp_path / "empty"))
-    host, _ = start_server(repo, [("absent", None)])
+    host, _ = start_server(repo, [ModelRef("absent")])
     address = f"127.0.0.1:{host.port}"
     try:
         with channel(address) as ch:
@@ -477,6 +477,6 @@ def test_all_newest_at_startup_with_int8_quantization(tmp_path):
     finally:
         host.stop(grace=1)
         repo.close()
-    assert parse_model_specs(" a , b:3 ") == [("a", None), ("b", 3)] and parse_model_specs("") == []
+    assert parse_model_specs(" a , b:3 ") == [ModelRef("a"), ModelRef("b", 3)] and parse_model_specs("") == []
     with pytest.raises(InvalidArgument, match="positive integer"):
         parse_model_specs("a:x")

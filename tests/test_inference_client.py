@@ -14,6 +14,7 @@ from services.inference.server import start_server
 from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.grpc_client import wait_serving
 from shared.inference_client import InferenceClient, expand_image_paths
+from shared.modelcard import ModelRef
 from shared.storage import open_store
 from tests.harness import free_ports
 from tests.test_inference import RGB_CLASSES, digits_nhwc, metric, publish_random, reference_probs, scrape
@@ -28,7 +29,7 @@ def server(tmp_path_factory):
                    mean=[0.5] * 3, std=[0.25] * 3)
     repo = ModelRepository(store, max_batch_size=8, max_queue_delay_ms=1.0)
     metrics_port = free_ports(1)[0]
-    host, _ = start_server(repo, [("client-digits", 1), ("client-digits", 2), ("client-rgb", None)],
+    host, _ = start_server(repo, [ModelRef("client-digits", 1), ModelRef("client-digits", 2), ModelRef("client-rgb")],
                            metrics_port=metrics_port)
     address = f"127.0.0.1:{host.port}"
     wait_serving(address, deadline_s=60)

@@ -32,8 +32,8 @@ def _batch_sizes(results: list[ModelResult]) -> list[int]:
 def columns(results: list[ModelResult]) -> list[str]:
     extra = ["GMACs", "Trainable Params (M)", "Latency p90 (ms)", "Latency p99 (ms)", "Threads"]
     extra += [f"Throughput bs={bs} (img/s)" for bs in _batch_sizes(results)]
-    extra += ["Size fp32 (MB)", "Size int8 (MB)", "Int8 Latency (ms)", "Acc fp32 (%)", "Acc int8 (%)",
-              "Acc change (pp)", "Device", "Input", "Hardware", "MLflow Run", "Notes"]
+    extra += ["Size fp32 (MB)", "Size int8 (MB)", "Int8 Latency (ms)", "Test acc fp32 (%)", "Test acc int8 (%)",
+              "Test acc change (pp)", "Device", "Input", "Hardware", "MLflow Run", "Notes"]
     return LOG_COLUMNS + extra
 
 
@@ -71,9 +71,9 @@ def row(result: ModelResult, batch_sizes: list[int]) -> dict[str, str]:
         "Size fp32 (MB)": _fmt(r.size_fp32_mb, 2, miss or r.quant_error),
         "Size int8 (MB)": _fmt(r.size_int8_mb, 2, miss or r.quant_error),
         "Int8 Latency (ms)": _fmt(r.int8_latency_p50_ms, 2, miss or r.quant_error),
-        "Acc fp32 (%)": _fmt(r.accuracy_fp32, 2, r.accuracy_error),
-        "Acc int8 (%)": _fmt(r.accuracy_int8, 2, r.accuracy_error),
-        "Acc change (pp)": _fmt(r.accuracy_delta, 2, r.accuracy_error),
+        "Test acc fp32 (%)": _fmt(r.accuracy_fp32, 2, r.accuracy_error),
+        "Test acc int8 (%)": _fmt(r.accuracy_int8, 2, r.accuracy_error),
+        "Test acc change (pp)": _fmt(r.accuracy_delta, 2, r.accuracy_error),
         "Device": r.device,
         "Input": "x".join(map(str, r.input_shape)) or NOT_REQUESTED,
         "Hardware": f"{r.hardware.cpu} / {r.hardware.gpu}" if r.hardware and r.hardware.gpu

@@ -109,19 +109,6 @@ def _spec(request: BenchRequest, model: str, device: str) -> MeasureSpec:
     )
 
 
-def _metrics(result: ModelResult) -> dict[str, float]:
-    names = ("gmacs", "gflops", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_mean_ms",
-             "latency_cpu_p50_ms", "cpu_share",
-             "peak_memory_mb", "size_fp32_mb", "size_int8_mb", "int8_latency_p50_ms", "accuracy_fp32",
-             "accuracy_int8", "accuracy_delta")
-    out = {n: float(getattr(result, n)) for n in names if getattr(result, n) is not None}
-    if result.params_total is not None:
-        out["params_m"] = result.params_total / 1e6
-        out["params_trainable_m"] = (result.params_trainable or 0) / 1e6
-    out.update({f"throughput_bs{bs}": v for bs, v in result.throughput.items()})
-    return out
-
-
 def log_to_mlflow(result: ModelResult, request: BenchRequest) -> str:
     """One MLflow run for one model's result; returns the run id."""
     from shared.tracking import Tracker
@@ -143,7 +130,7 @@ def log_to_mlflow(result: ModelResult, request: BenchRequest) -> str:
             "dataset": request.dataset or "",
             "hardware": hw.model_dump() if hw is not None else {},
         })
-        metrics = _metrics(result)
+        metrics = result.metrics()
         if metrics:
             tracker.log_metrics(metrics, step=0)
         tracker.log_dict(result.model_dump(mode="json"), "benchmark.json")

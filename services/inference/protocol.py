@@ -65,6 +65,15 @@ def repository_version(params) -> str | int | None:
     raise InvalidArgument("parameter 'version' must be a string or int64")
 
 
+def string_param(params, key: str) -> str | None:
+    """A string parameter of a repository request, if given."""
+    if key not in params:
+        return None
+    if params[key].WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(f"parameter {key!r} must be a string")
+    return params[key].string_param or None
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
 def element_count(name: str, shape: list[int]) -> int:

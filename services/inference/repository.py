@@ -15,7 +15,7 @@ import torch
 from services.inference.batcher import DynamicBatcher
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
-from shared.modelcard import ModelCard, list_published, list_versions, load_published
+from shared.modelcard import ModelCard, ModelRef, list_published, list_versions, load_published, parse_model_ref
 from shared.names import validate_name
 from shared.preprocess import Preprocessor
 from shared.quantize import quantize_int8
@@ -38,16 +38,12 @@ def parse_version(version: str | int | None) -> int | None:
     return value
 
 
-def parse_model_specs(spec: str) -> list[tuple[str, int | None]] | str:
-    """``"a,b:2"`` -> [("a", None), ("b", 2)]; ``"all"`` -> "all"; "" -> []."""
+def parse_model_specs(spec: str) -> list[ModelRef] | str:
+    """``"a,b:2,c@champion"`` -> the three references; ``"all"`` -> "all"; "" -> []."""
     spec = (spec or "").strip()
     if spec == "all":
         return "all"
-    out: list[tuple[str, int | None]] = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, version = item.partition(":")
-        out.append((validate_name(name, "model name"), parse_version(version)))
-    return out
+    return [parse_model_ref(item) for item in filter(None, (s.strip() for s in spec.split(",")))]
 
 
 @dataclass
@@ -72,7 +68,8 @@ class LoadedModel:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities for a normalised float NCHW batch (runs on the batcher's thread)."""
         with torch.inference_mode():
-            return torch.softmax(self.module(x).float(), dim=1)
+            # The card's temperature (fitted on validation; 1.0 when none) calibrates the probabilities.
+            return torch.softmax(self.module(x).float() / self.card.temperature, dim=1)
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         return self.batcher.submit(x)
@@ -94,7 +91,7 @@ class ModelRepository:
     """
 
     def __init__(self, store, *, max_batch_size: int = 32, max_queue_delay_ms: float = 2.0,
-                 quantize: bool = False):
+                 quantize: bool = False, tracking_uri: str | None = None):
         if max_batch_size < 1:
             raise InvalidArgument(f"max batch size must be >= 1, got {max_batch_size}")
         if max_queue_delay_ms < 0:
@@ -103,6 +100,7 @@ class ModelRepository:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_ms = max_queue_delay_ms
         self.quantize = quantize
+        self.tracking_uri = tracking_uri  # where registry aliases are resolved (default: MLFLOW_TRACKING_URI)
         self._models: dict[tuple[str, int], LoadedModel] = {}
         self._failed: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
@@ -133,10 +131,13 @@ class ModelRepository:
 
     # ---- load / unload
 
-    def load(self, name: str, version: int | None = None) -> LoadedModel:
-        """Load ``name`` (newest published version when None), warm it up, mark it READY. Idempotent."""
+    def load(self, name: str, version: int | None = None, alias: str | None = None) -> LoadedModel:
+        """Load ``name`` (``version``; the version MLflow's registry gives ``alias``; else the newest published
+        one), warm it up, mark it READY. Idempotent."""
         validate_name(name, "model name")
         with self._load_lock:
+            if version is None and alias is not None:
+                version = ModelRef(name, alias=alias).resolve(self.store, self.tracking_uri)
             if version is None:
                 versions = list_versions(self.store, name)
                 if not versions:

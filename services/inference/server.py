@@ -24,6 +24,7 @@ from services.inference.repository import ModelRepository, default_threads, pars
 from shared.errors import TrainyardError
 from shared.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServiceHost, serve, service_arg_parser, start
 from shared.logs import get_logger
+from shared.modelcard import ModelRef, parse_model_ref
 from shared.pb import inference_pb2 as pb
 from shared.pb import inference_pb2_grpc
 from shared.storage import open_store
@@ -42,7 +43,7 @@ def _server_version() -> str:
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, startup_models: list[tuple[str, int | None]] | str = ()):
+    def __init__(self, repository: ModelRepository, startup_models: list[ModelRef] | str = ()):
         self.repository = repository
         self._startup = startup_models
         self._ready = threading.Event()
@@ -53,7 +54,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         if self._startup == "all":
             loaded = self.repository.load_all_newest()
         else:
-            loaded = [self.repository.load(name, version) for name, version in self._startup]
+            loaded = [self.repository.load(ref.name, ref.version, ref.alias) for ref in self._startup]
         log.info("start-up models ready", extra={"models": [f"{m.name}:{m.version}" for m in loaded]})
         self._ready.set()
 
@@ -125,7 +126,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         ])
 
     def RepositoryModelLoad(self, request, context):
-        self.repository.load(request.model_name, parse_version(protocol.repository_version(request.parameters)))
+        # The name may be a reference (``models:/name@champion``); a ``version`` or ``alias`` parameter too.
+        ref = parse_model_ref(request.model_name)
+        version = parse_version(protocol.repository_version(request.parameters))
+        alias = protocol.string_param(request.parameters, "alias")
+        self.repository.load(ref.name, version or ref.version, alias or ref.alias)
         return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request, context):
@@ -140,7 +145,7 @@ def register(server: grpc.Server, servicer: InferenceServicer | None = None) -> 
     return [SERVICE_NAME]
 
 
-def start_server(repository: ModelRepository, models: list[tuple[str, int | None]] | str = (), *,
+def start_server(repository: ModelRepository, models: list[ModelRef] | str = (), *,
                  port: int = 0, metrics_port: int | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[ServiceHost, InferenceServicer]:
     """Start the service in this process (tests, benchmarks); health turns SERVING once ``models`` load.
@@ -155,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = service_arg_parser("inference")
     parser.add_argument("--store", default=None, help="artifact store URL (default: $TRAINYARD_STORE)")
     parser.add_argument("--models", default=os.environ.get("TRAINYARD_SERVE_MODELS", ""),
-                        help="models to load at start-up: name[:version],... or 'all' (newest version of "
-                             "every published model); default $TRAINYARD_SERVE_MODELS")
+                        help="models to load at start-up: name[:version] or name@alias (an MLflow registry alias, "
+                             "e.g. champion),... or 'all' (newest version of every published model); default "
+                             "$TRAINYARD_SERVE_MODELS")
     parser.add_argument("--max-batch-size", type=int, default=32,
                         help="most samples one dynamic batch merges; 1 turns batching off")
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0,

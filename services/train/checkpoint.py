@@ -4,7 +4,8 @@ Layout under ``runs/<run_id>/checkpoints/``:
   epoch-0007/   every epoch; the newest prefix with a MANIFEST.json is "last" (a publish killed half-way
                 leaves no manifest, so resume skips it); older epoch dirs are pruned to the newest ``keep``.
   best/         republished whenever the monitored metric improves.
-Each holds ``model.safetensors`` (weights), ``optimizer.safetensors`` (the optimizer's tensors),
+Each holds ``model.safetensors`` (weights), ``ema.safetensors`` (the weights' moving average, when the run
+keeps one), ``optimizer.safetensors`` (the optimizer's tensors),
 ``rng.safetensors`` (torch CPU/CUDA RNG bytes as uint8 tensors) and ``state.json`` (the optimizer's
 non-tensor structure, scheduler state, numpy/python RNG, epoch, best metric, early-stopping counters,
 loader state, MLflow run id, metric history).
@@ -137,6 +138,8 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict
     state: dict  # everything else from state.json (scheduler, best metric, counters, history, ...)
+    # Other weights saved beside the model's, by name ("ema").
+    extra_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     rng_meta: dict = field(default_factory=dict)
     rng_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -145,9 +148,12 @@ class Checkpoint:
 
 
 def build_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict,
-                model_bytes: bytes | None = None) -> dict[str, bytes]:
-    """The checkpoint's files in memory; ``state`` must be JSON-able (scheduler state, counters, ...)."""
+                model_bytes: bytes | None = None, extra: dict[str, torch.nn.Module] | None = None) -> dict[str, bytes]:
+    """The checkpoint's files in memory; ``state`` must be JSON-able (scheduler state, counters, ...);
+    ``extra`` modules are saved as ``<name>.safetensors``."""
     files = {"model.safetensors": model_bytes if model_bytes is not None else state_dict_bytes(model)}
+    for name, module in (extra or {}).items():
+        files[f"{name}.safetensors"] = state_dict_bytes(module)
     doc = dict(state)
     if optimizer is not None:
         opt_json, opt_tensors = flatten_tensors(optimizer.state_dict(), prefix="opt")
@@ -162,9 +168,9 @@ def build_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
 
 def save_checkpoint(store, run_id: str, epoch: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, state: dict, *, best: bool = False,
-                    keep: int = 2) -> str:
+                    keep: int = 2, extra: dict[str, torch.nn.Module] | None = None) -> str:
     """Publish ``epoch-NNNN`` (and ``best`` when ``best``), then prune old epoch dirs. Returns the prefix."""
-    files = build_files(model, optimizer, {**state, "epoch": epoch})
+    files = build_files(model, optimizer, {**state, "epoch": epoch}, extra=extra)
     prefix = epoch_prefix(run_id, epoch)
     meta = {"run_id": run_id, "epoch": epoch, "kind": "epoch"}
     store.publish(prefix, files, meta=meta)
@@ -230,6 +236,10 @@ def load_checkpoint(store, prefix: str) -> Checkpoint:
     rng_tensors = st_load(store.get_verified(prefix, "rng.safetensors")) \
         if "rng.safetensors" in manifest.files else {}
     rng_meta = doc.pop("rng", {})
+    known = {"model.safetensors", "optimizer.safetensors", "rng.safetensors"}
+    extra = {name.removesuffix(".safetensors"): st_load(store.get_verified(prefix, name))
+             for name in manifest.files if name.endswith(".safetensors") and name not in known}
     return Checkpoint(prefix=prefix, epoch=int(doc["epoch"]), model_state=model_state,
-                      optimizer_state=optimizer_state, state=doc, rng_meta=rng_meta, rng_tensors=rng_tensors)
+                      optimizer_state=optimizer_state, state=doc, extra_states=extra, rng_meta=rng_meta,
+                      rng_tensors=rng_tensors)
 

@@ -41,12 +41,20 @@ class DataConfig(_Strict):
     kind: Literal["mnist", "cifar10", "imagefolder", "synthetic"]
     # A local directory, or a store URL/key prefix (file://..., s3://bucket/prefix) fetched to a cache first.
     path: str | None = None
-    # Stratified training subset of this many samples (e.g. 5000 of CIFAR-10's 50000); None = all.
+    # Stratified training subset of this many samples (e.g. 5000 of CIFAR-10's 50000); None = all. It is
+    # taken from what remains after validation is held out, so every subset size shares one validation set.
     subset: int | None = Field(None, gt=0)
+    # Seeds the validation hold-out and the subset; fixed per dataset (not the run's seed) so every run of a
+    # study sees the same split.
     subset_seed: int = 0
-    # "test": validate on the dataset's own test/val split; "holdout": carve val_fraction out of train.
-    val_split: Literal["test", "holdout"] = "test"
+    # Where validation comes from. "auto": the dataset's own val split when it has one, else val_fraction of
+    # the training data (stratified); "holdout": always val_fraction of the training data; "test": validate
+    # and select on the test split — an explicit choice, tagged on the run and shown in every table.
+    val_split: Literal["auto", "holdout", "test"] = "auto"
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    # Training accuracy and loss are measured like validation's (eval mode, no augmentation) on a fixed
+    # stratified sample of this many training samples, so the overfitting gap compares like with like.
+    train_eval_size: int = Field(5000, gt=0)
     # Resize to this square size (image folders; upsampling 32x32 CIFAR for 224-input backbones).
     image_size: int | None = Field(None, gt=0)
     # Per-channel normalisation; None = the dataset's usual constants.
@@ -58,6 +66,7 @@ class DataConfig(_Strict):
     channels: int = Field(1, ge=1)
     train_size: int = Field(2048, gt=0)
     val_size: int = Field(512, gt=0)
+    test_size: int = Field(512, gt=0)
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataConfig:
@@ -71,6 +80,8 @@ class OptimizerConfig(_Strict):
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    # timm's convention: no weight decay on biases, norm weights and the model's no_weight_decay() names.
+    decay_norm_and_bias: bool = False  # True applies weight_decay to every parameter
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
 
@@ -102,6 +113,35 @@ class LossConfig(_Strict):
     focal_gamma: float = Field(2.0, ge=0)
     # "none", "balanced" (inverse class frequency of the training set) or one weight per class.
     class_weights: Literal["none", "balanced"] | list[float] = "none"
+
+
+class EmaConfig(_Strict):
+    """An exponential moving average of the weights (timm's ModelEmaV3); when on, validation, selection and
+    the exported model use the averaged weights."""
+
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+    # Ramp the decay up over the first steps (timm's warmup), so a short run's average is not its init.
+    warmup: bool = True
+
+
+class CalibrationConfig(_Strict):
+    # Fit a softmax temperature on the validation split after training; the model card stores it and the
+    # inference server applies it. ECE and reliability diagrams are logged either way.
+    temperature: bool = False
+
+
+class BenchmarkConfig(_Strict):
+    """Measure the exported model when the run finishes (shared.benchmark, as `trainyard bench` does) and log
+    the figures to the run as ``bench_*`` metrics, so one MLflow run holds training and deployment numbers."""
+
+    enabled: bool = False
+    # C, H, W of one sample; None: the model card's input size.
+    input_shape: list[int] | None = Field(None, min_length=3, max_length=3)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    quantize: bool = True
+    iterations: int = Field(50, ge=5, le=10_000)
+    throughput_seconds: float = Field(1.0, gt=0, le=60)
 
 
 class EarlyStoppingConfig(_Strict):
@@ -146,7 +186,14 @@ class TrainConfig(_Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     grad_clip: float | None = Field(None, gt=0)
+    # Gradient accumulation: one optimiser step per this many batches (effective batch = batch_size x steps).
+    accumulate_steps: int = Field(1, ge=1)
     amp: bool = False
+    # NHWC memory layout for model and inputs: faster convolutions on GPUs with tensor cores.
+    channels_last: bool = False
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     deterministic: bool = False
     seed: int = 0
@@ -166,7 +213,24 @@ class TrainConfig(_Strict):
             raise ValueError("loss.class_weights needs one weight per class")
         if self.unfreeze and not self.freeze_backbone:
             raise ValueError("unfreeze steps need freeze_backbone: true")
+        for where, metric in (("checkpoint.keep_best_metric", self.checkpoint.keep_best_metric),
+                              ("early_stopping.metric", self.early_stopping.metric),
+                              ("scheduler.metric", self.scheduler.metric)):
+            if metric.startswith("test_"):
+                raise ValueError(f"{where}={metric}: selection, early stopping and schedules see validation "
+                                 "only (the test split is evaluated once, at the end); to select on the test "
+                                 "split anyway set data.val_split: test")
         return self
+
+    @property
+    def selection_split(self) -> str:
+        """The split model selection saw: "val", or "test" when the config chose to select on it."""
+        return "test" if self.data.val_split == "test" else "val"
+
+    def default_run_name(self) -> str:
+        """``<model>-<data>-<subset>-s<seed>``: what tells runs apart in the MLflow UI."""
+        subset = self.data.subset if self.data.subset is not None else "all"
+        return f"{self.model.name}-{self.data.kind}-{subset}-s{self.seed}"
 
 
 def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:

@@ -120,6 +120,18 @@ class ModelResult(BaseModel):
     tracking_error: str | None = None
     duration_s: float | None = None
 
+    def metrics(self) -> dict[str, float]:
+        """Every measured figure as a flat metric dict (for MLflow)."""
+        names = ("gmacs", "gflops", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_mean_ms",
+                 "latency_cpu_p50_ms", "cpu_share", "peak_memory_mb", "size_fp32_mb", "size_int8_mb",
+                 "int8_latency_p50_ms", "accuracy_fp32", "accuracy_int8", "accuracy_delta")
+        out = {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
+        if self.params_total is not None:
+            out["params_m"] = self.params_total / 1e6
+            out["params_trainable_m"] = (self.params_trainable or 0) / 1e6
+        out.update({f"throughput_bs{bs}": v for bs, v in self.throughput.items()})
+        return out
+
 
 # --------------------------------------------------------------------------------------------- timing
 
@@ -241,10 +253,11 @@ def import_builder(spec: MeasureSpec) -> Callable[[], tuple[nn.Module, tuple[int
         from shared.modelcard import load_published, parse_model_ref
         from shared.storage import open_store
 
-        model_name, version = parse_model_ref(name)
+        ref = parse_model_ref(name)
 
         def build_published():
-            model, card = load_published(open_store(), model_name, version)
+            store = open_store()
+            model, card = load_published(store, ref.name, ref.resolve(store))
             shape = spec.input_shape or tuple(card.input_size)
             return model, shape, Preprocessor(shape, card.normalization.mean, card.normalization.std)
 

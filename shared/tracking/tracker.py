@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -66,7 +67,9 @@ class Tracker:
     """One MLflow run. Use as a context manager; ``close()`` by hand works too.
 
     ``run_id`` resumes an existing run (a restarted training job), replaying any metrics a crashed
-    predecessor left in the spool file.
+    predecessor left in the spool file. Every run carries MLflow's ``mlflow.source.*`` tags (the git commit,
+    the entry point); ``system_metrics`` samples CPU, memory, disk, network (and GPU where NVML is present)
+    into ``system/*`` metrics while the run is open.
     """
 
     def __init__(
@@ -83,6 +86,8 @@ class Tracker:
         close_timeout: float = 60.0,
         call_timeout: float = 30.0,
         request_timeout: int = 10,
+        system_metrics: bool = False,
+        system_metrics_interval_s: float = 5.0,
     ) -> None:
         self.experiment = experiment
         self.run_name = run_name
@@ -92,7 +97,9 @@ class Tracker:
         self.request_timeout = request_timeout
         self._requested_run_id = run_id
         self._spool_dir = Path(spool_dir) if spool_dir else load_settings().home / "spool" / "mlflow"
-        self._tags: dict[str, str] = {"git_commit": git_commit()}
+        commit = git_commit()
+        self._tags: dict[str, str] = {"git_commit": commit, "mlflow.source.git.commit": commit,
+                                      "mlflow.source.name": _entry_point(), "mlflow.source.type": "JOB"}
         if config_hash:
             self._tags["config_hash"] = config_hash
         if dataset_version:
@@ -107,6 +114,9 @@ class Tracker:
         self._down_since: float | None = None
         self._next_retry = 0.0
         self._backoff = BACKOFF_START_S
+        self._system_metrics = system_metrics
+        self._system_metrics_interval_s = system_metrics_interval_s
+        self._monitor = None
 
     # -- run lifecycle -------------------------------------------------------------------------------
 
@@ -132,6 +142,13 @@ class Tracker:
             self._resume(self._requested_run_id)
         else:
             self._create()
+        if self._system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=self._system_metrics_interval_s,
+                                                 resume_logging=bool(self._requested_run_id),
+                                                 tracking_uri=self.tracking_uri)
+            self._monitor.start()
         return self
 
     def _create(self) -> None:
@@ -196,6 +213,9 @@ class Tracker:
         """
         if self._closed or self._run_id is None:
             return
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         deadline = time.monotonic() + self.close_timeout
         if not self.flush(timeout=self.close_timeout):
             raise Unavailable(
@@ -381,3 +401,37 @@ class Tracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         run_id = self._active_run_id()
         self._call(lambda: self.client.log_figure(run_id, figure, artifact_file), f"log {artifact_file}")
+
+    def log_dataset(self, name: str, digest: str, source: str | None, context: str = "training",
+                    profile: Mapping[str, Any] | None = None) -> None:
+        """Record the run's data as an MLflow dataset input (the Datasets column and the run's inputs).
+
+        ``source`` is where it was read from (a path or a store URL; None for generated data); ``digest``
+        identifies exactly the bytes used, so two runs on the same data show the same dataset.
+        """
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        if source:
+            with warnings.catch_warnings():
+                # Local paths match two equivalent registered source kinds; MLflow picks one and says so.
+                warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+                data_source = resolve_dataset_source(source)
+        else:
+            data_source = CodeDatasetSource({"generator": name})
+        entity = Dataset(name=name, digest=digest[:36], source_type=data_source._get_source_type(),
+                         source=data_source.to_json(), profile=json.dumps(dict(profile)) if profile else None)
+        run_id = self._active_run_id()
+        inputs = [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
+        self._call(lambda: self.client.log_inputs(run_id, datasets=inputs), f"log dataset {name} to run {run_id}")
+
+
+def _entry_point() -> str:
+    """What started this process, as MLflow's ``mlflow.source.name`` shows it (``-m services.train.worker``)."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    return Path(getattr(__main__, "__file__", "python")).name

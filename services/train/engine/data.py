@@ -22,17 +22,34 @@ _PRENORMALIZE_MAX_BYTES = 2 << 30
 
 @dataclass
 class DataBundle:
-    """The whole dataset as uint8 tensors in memory (N, C, H, W) with int64 labels."""
+    """The whole dataset as uint8 tensors in memory (N, C, H, W) with int64 labels, in three splits: train
+    (what the model fits), val (what selection sees) and test (evaluated once, at the end; None when the
+    dataset has no test split)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    test_x: torch.Tensor | None
+    test_y: torch.Tensor | None
     classes: list[str]
     mean: list[float]
     std: list[float]
     version: str = ""
     resize: int | None = None  # upsample batches to this square size on the device (CIFAR -> 224 ViTs)
+    val_source: str = ""  # where validation came from, e.g. "10% of train, stratified (seed 0)"
+    # A fixed stratified sample of the training data, evaluated like validation every epoch.
+    train_eval_idx: torch.Tensor | None = None
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "train":
+            idx = self.train_eval_idx if self.train_eval_idx is not None else slice(None)
+            return self.train_x[idx], self.train_y[idx]
+        if name == "val":
+            return self.val_x, self.val_y
+        if name == "test" and self.test_x is not None:
+            return self.test_x, self.test_y
+        raise InvalidArgument(f"the dataset has no {name!r} split")
 
     @property
     def input_size(self) -> list[int]:
@@ -45,6 +62,7 @@ def _synthetic(cfg: DataConfig, seed: int) -> DataBundle:
     if cfg.num_classes == 10 and cfg.channels == 1:
         tx, ty = D.synthetic_digits(cfg.train_size, seed=seed, size=size)
         vx, vy = D.synthetic_digits(cfg.val_size, seed=seed + 1, size=size)
+        sx, sy = D.synthetic_digits(cfg.test_size, seed=seed + 2, size=size)
         # Digits look like MNIST (dark background, thin strokes): MNIST's constants fit them.
         mean, std = D.NORMALIZATION["mnist"]
     else:
@@ -59,13 +77,19 @@ def _synthetic(cfg: DataConfig, seed: int) -> DataBundle:
 
         tx, ty = make(cfg.train_size)
         vx, vy = make(cfg.val_size)
+        sx, sy = make(cfg.test_size)
         mean, std = [0.5] * cfg.channels, [0.25] * cfg.channels
-    return DataBundle(tx, ty, vx, vy, [str(i) for i in range(cfg.num_classes)], list(mean), list(std))
+    bundle = DataBundle(tx, ty, vx, vy, sx, sy, [str(i) for i in range(cfg.num_classes)], list(mean), list(std),
+                        val_source="generated apart from train and test")
+    if cfg.val_split == "test":
+        bundle.val_x, bundle.val_y, bundle.val_source = sx, sy, "the test split (selection on test)"
+    return bundle
 
 
 def _read(cfg: DataConfig, cache_root: Path) -> DataBundle:
     root, store_url = dataset_source(cfg.path)
     src = {"store_url": store_url, "cache_dir": cache_root}
+    val = None
     if cfg.kind == "mnist":
         train, test = D.read_mnist(root, **src)
     elif cfg.kind == "cifar10":
@@ -74,17 +98,26 @@ def _read(cfg: DataConfig, cache_root: Path) -> DataBundle:
         # Image folders are decoded at the target size up front; no per-batch resize later.
         splits = D.read_image_folder_splits(root, size=cfg.image_size or 224, **src)
         train = splits.get("train", splits.get("all"))
-        test = next((splits[k] for k in ("val", "valid", "validation", "test") if k in splits), None)
+        val = next((splits[k] for k in ("val", "valid", "validation") if k in splits), None)
+        test = splits.get("test")
     tx, ty = train.images, train.labels
-    if cfg.val_split == "test" and test is not None and len(test.labels):
-        vx, vy = test.images, test.labels
+    test = test if test is not None and len(test.labels) else None
+    if cfg.val_split == "test":
+        if test is None:
+            raise InvalidArgument(f"data.val_split=test, but {cfg.path} has no test split")
+        vx, vy, source = test.images, test.labels, "the test split (selection on test)"
+    elif cfg.val_split == "auto" and val is not None and len(val.labels):
+        vx, vy, source = val.images, val.labels, "the dataset's own val split"
     else:
         # Hold out a stratified fraction of train, fixed by subset_seed so every run sees the same split.
         tr_idx, val_idx = (torch.as_tensor(i) for i in D.stratified_split(ty, cfg.val_fraction,
                                                                           seed=cfg.subset_seed))
         vx, vy, tx, ty = tx[val_idx], ty[val_idx], tx[tr_idx], ty[tr_idx]
+        source = f"{cfg.val_fraction:.0%} of train, stratified (seed {cfg.subset_seed})"
     mean, std = D.NORMALIZATION[_NORM_NAME[cfg.kind]]
-    return DataBundle(tx, ty, vx, vy, list(train.classes), list(mean), list(std))
+    return DataBundle(tx, ty, vx, vy, test.images if test is not None else None,
+                      test.labels if test is not None else None, list(train.classes), list(mean), list(std),
+                      val_source=source)
 
 
 def load_data(cfg: DataConfig, seed: int, cache_root: Path) -> DataBundle:
@@ -105,9 +138,14 @@ def load_data(cfg: DataConfig, seed: int, cache_root: Path) -> DataBundle:
         bundle.std = list(cfg.std)
     if len(bundle.mean) != bundle.train_x.shape[1] or len(bundle.std) != bundle.train_x.shape[1]:
         raise InvalidArgument(f"data.mean/std need {bundle.train_x.shape[1]} values (one per channel)")
+    n_train = len(bundle.train_y)
+    if cfg.train_eval_size < n_train:
+        bundle.train_eval_idx = torch.as_tensor(D.stratified_subset(bundle.train_y, cfg.train_eval_size,
+                                                                    seed=cfg.subset_seed))
     h = hashlib.sha256()
-    for t in (bundle.train_x, bundle.train_y, bundle.val_x, bundle.val_y):
-        h.update(t.contiguous().numpy().tobytes())
+    for t in (bundle.train_x, bundle.train_y, bundle.val_x, bundle.val_y, bundle.test_x, bundle.test_y):
+        if t is not None:
+            h.update(t.contiguous().numpy().tobytes())
     bundle.version = h.hexdigest()[:16]
     return bundle
 

@@ -6,7 +6,9 @@ happen between epochs. bench/bench_train.py holds this to >= 90% of a bare PyTor
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import os
 import random
@@ -18,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from timm.utils import ModelEmaV3
 
 from services.train import checkpoint as ckpt
 from services.train.config import TrainConfig
@@ -50,6 +54,8 @@ class RunResult:
     final_weights_sha256: str = ""
     message: str = ""
     timings: list[dict[str, float]] = field(default_factory=list)
+    # The final evaluation of the selected model: test_* figures, calibration.
+    final_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -165,7 +171,10 @@ class Engine:
         resumed = ckpt.load_checkpoint(self.store, prefix)
         model.load_state_dict(resumed.model_state)
         optimizer.load_state_dict(resumed.optimizer_state)
+        if self._ema is not None:
+            self._ema.module.load_state_dict(resumed.extra_states["ema"])
         state = RunState.from_dict(resumed.state)
+        self._step = state.step
         schedule.load_state_dict(state.schedule)
         if self._scaler is not None and state.grad_scaler:
             self._scaler.load_state_dict(state.grad_scaler)
@@ -178,8 +187,13 @@ class Engine:
         task.load()
         model, model_kwargs = self._build_model(task)
         model.to(runtime.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(cfg, model)  # before freezing: see build_optimizer
         self._apply_freeze(model, epoch=1)
-        optimizer = build_optimizer(cfg, model)
+        # The weights' moving average (timm), when asked for: validation, selection and the export use it.
+        self._ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
+        self._step = 0
         schedule = LRSchedule(cfg)
         batches = task.train_batches()
         # One scaler for the whole run (its scale adapts over many steps); checkpointed with the rest.
@@ -232,8 +246,10 @@ class Engine:
             result = RunResult(self.run_id, state.mlflow_run_id, "SUCCEEDED", epoch, state.history,
                                state.best_metric, state.best_epoch, message=state.stopped, timings=self.timings)
             result.final_weights_sha256 = hashlib.sha256(ckpt.state_dict_bytes(model)).hexdigest()
+            weights, final, fresh = self._final_evaluation(task, model, state)
+            result.final_metrics = final.metrics
             if dist.is_main:
-                self._finish(result, task, model, model_kwargs, state, tracker)
+                self._finish(result, task, model_kwargs, state, tracker, weights, final, fresh)
         except BaseException as exc:
             if tracker is not None:
                 tracker.__exit__(*sys.exc_info())
@@ -250,7 +266,7 @@ class Engine:
             self.events.state("SUCCEEDED", message=state.stopped, mlflow_run_id=state.mlflow_run_id,
                               epoch=result.epochs_done, epochs=cfg.epochs,
                               model_uri=model_uri(result.model_name, result.model_version),
-                              metrics=_flat(state.history[-1]) if state.history else {})
+                              metrics=_flat({**(state.history[-1] if state.history else {}), **result.final_metrics}))
         return result
 
     def _wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -273,9 +289,11 @@ class Engine:
         t0 = time.perf_counter()
         sums = self._train_epoch(task, train_model, batches, optimizer, epoch)
         t1 = time.perf_counter()
-        val = task.evaluate(model, "val")
+        eval_model = self._ema.module if self._ema is not None else model
+        train_eval = task.evaluate(eval_model, "train")
+        val = task.evaluate(eval_model, "val")
         t2 = time.perf_counter()
-        metrics = {**task.epoch_metrics(sums, val), "lr": lr, "epoch_time": t2 - t0, "train_time": t1 - t0,
+        metrics = {**task.epoch_metrics(sums, train_eval, val), "lr": lr, "epoch_time": t2 - t0, "train_time": t1 - t0,
                    "samples_per_second": sums["seen"] / max(t1 - t0, 1e-9)}
         return metrics, val
 
@@ -286,26 +304,22 @@ class Engine:
         batches.set_epoch(epoch)
         rt = task.runtime
         sums: dict[str, Any] = {}
-        scaler = self._scaler
-        clip = self.cfg.grad_clip
         show = self.dist.is_main and os.environ.get("TRAINYARD_PROGRESS", "1") != "0" and sys.stderr.isatty()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", file=sys.stderr, disable=not show, leave=False)
-        for batch in batches:
-            with rt.autocast():
-                loss, stats = task.step(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                optimizer.step()
+        accumulate = self.cfg.accumulate_steps
+        last = len(batches) - 1
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            stepping = (i + 1) % accumulate == 0 or i == last
+            # Between optimiser steps DDP need not all-reduce gradients: the last micro-batch does it.
+            sync = model.no_sync() if self.dist.enabled and not stepping else contextlib.nullcontext()
+            with sync:
+                with rt.autocast():
+                    loss, stats = task.step(model, batch)
+                scaled = loss / accumulate if accumulate > 1 else loss
+                (self._scaler.scale(scaled) if self._scaler is not None else scaled).backward()
+            if stepping:
+                self._optimizer_step(model, optimizer)
             for key, value in stats.items():  # on-device accumulation: no host sync per step
                 sums[key] = sums[key] + value if key in sums else value
             bar.update(1)
@@ -319,12 +333,29 @@ class Engine:
         out["seen"] = int(out["seen"])
         return out
 
+    def _optimizer_step(self, model, optimizer) -> None:
+        scaler, clip = self._scaler, self.cfg.grad_clip
+        if scaler is not None:
+            if clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        if self._ema is not None:
+            self._ema.update(model.module if self.dist.enabled else model, step=self._step)
+
     def _select(self, epoch: int, state: RunState, metrics: dict[str, Any], artifacts: dict[str, Any]) -> bool:
         """Best checkpoint and early stopping; True when this epoch is the new best."""
         improved = state.best.update(metrics)
         if improved:
             state.best_epoch = epoch
-            state.best_artifacts = artifacts
+            state.best_artifacts = {**artifacts, "metrics": {k: v for k, v in metrics.items() if k.startswith("val_")}}
         if state.early_stop is not None and not state.early_stop.update(metrics) \
                 and state.early_stop.bad_epochs >= self.cfg.early_stopping.patience:
             state.stopped = f"early stopped at epoch {epoch}: {self.cfg.early_stopping.metric} did not " \
@@ -351,8 +382,10 @@ class Engine:
             state.schedule = schedule.state_dict()
             state.config_hash = config_hash(cfg)
             state.grad_scaler = self._scaler.state_dict() if self._scaler is not None else None
+            state.step = self._step
             prefix = ckpt.save_checkpoint(self.store, self.run_id, epoch, model, optimizer, state.to_dict(),
-                                          best=improved, keep=cfg.checkpoint.keep_last)
+                                          best=improved, keep=cfg.checkpoint.keep_last,
+                                          extra={"ema": self._ema.module} if self._ema is not None else None)
             self.events.emit("checkpoint", epoch=epoch, prefix=prefix, best=improved)
         flat = _flat(metrics)
         self.events.epoch(epoch, cfg.epochs, flat)
@@ -363,20 +396,52 @@ class Engine:
         log.info("epoch done", extra={"run_id": self.run_id, "epoch": epoch,
                                       **{k: round(v, 6) for k, v in flat.items() if k in reporting.GAUGES}})
 
-    def _finish(self, result: RunResult, task: Task, model, model_kwargs: dict, state: RunState, tracker) -> None:
-        """Log the figures and the selected model; publish + register the export."""
+    def _final_evaluation(self, task: Task, model: torch.nn.Module,
+                          state: RunState) -> tuple[bytes, Evaluation, bool]:
+        """The selected weights (the best checkpoint's, or its moving average), the task's one final
+        evaluation of them (the test split, calibration) and whether it ran now. On every rank (evaluation
+        shards across them); a restarted finished run reuses the stored result, so test figures are computed
+        and logged once per run."""
+        if self.dist.enabled:
+            torch.distributed.barrier()  # rank 0 may still be publishing the last best/
         best_prefix = ckpt.best_prefix(self.run_id)
-        weights = self.store.get_verified(best_prefix, "model.safetensors") \
-            if self.store.is_published(best_prefix) else ckpt.state_dict_bytes(model)
-        card = build_card(self.cfg, task, model_kwargs, state, self.run_id)
-        if tracker is not None:
-            reporting.log_run_end(tracker, task, state, card, weights)
+        weights_file = "ema.safetensors" if self._ema is not None else "model.safetensors"
+        if self.store.is_published(best_prefix):
+            weights = self.store.get_verified(best_prefix, weights_file)
+        else:
+            weights = ckpt.state_dict_bytes(self._ema.module if self._ema is not None else model)
+        stored = f"runs/{self.run_id}/final_evaluation.json"
+        if self.store.exists(stored):
+            done = json.loads(self.store.get_bytes(stored))
+            return weights, Evaluation(done["metrics"], done["artifacts"]), False
+        model.load_state_dict(st_load(weights))  # the loop is over: the model becomes the selected one
+        final = task.final_evaluation(model)
+        if self.dist.is_main:
+            self.store.put_bytes(stored, json.dumps({"metrics": final.metrics, "artifacts": {
+                k: v for k, v in final.artifacts.items() if k != "logits"}}).encode())
+        return weights, final, True
+
+    def _finish(self, result: RunResult, task: Task, model_kwargs: dict, state: RunState, tracker, weights: bytes,
+                final: Evaluation, fresh: bool) -> None:
+        """Log the final figures and the selected model; publish + register the export."""
+        card = build_card(self.cfg, task, model_kwargs, state, self.run_id, final)
+        if tracker is not None and fresh:
+            reporting.log_run_end(tracker, self.cfg, task, state, final)
         if not self.do_export:
+            if tracker is not None:
+                reporting.log_model(tracker, card, weights)
             return
-        result.model_name, result.model_version, published = export_model(self.store, card, weights, tracker)
+        result.model_name, result.model_version, published = export_model(self.store, self.cfg, card, weights,
+                                                                           tracker)
         if published:
             self.events.emit("model", name=result.model_name, version=result.model_version,
                              uri=model_uri(result.model_name, result.model_version))
+        if self.cfg.benchmark.enabled and fresh:
+            from services.train.benchmarking import benchmark_run
+
+            measured = benchmark_run(self.cfg, result, tracker)
+            if measured is not None:
+                self.events.emit("benchmark", error=measured.error or "", seconds=measured.duration_s or 0.0)
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, float]:

@@ -13,10 +13,17 @@ log = get_logger(__name__)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimiser over every parameter, in timm's two weight-decay groups.
+
+    Built before any freezing, so frozen parameters are in it too (timm's grouping skips parameters that do
+    not require grad): they get no gradient while frozen, and gradual unfreezing needs no new param group.
+    """
+    from timm.optim import param_groups_weight_decay
+
     o = cfg.optimizer
-    # All parameters, frozen ones included: a frozen parameter has no grad and is skipped, and unfreezing
-    # later needs no new param group.
-    params = list(model.parameters())
+    no_decay = getattr(model, "no_weight_decay", lambda: ())()
+    params = param_groups_weight_decay(model, o.weight_decay, weight_decay_exclude_1d=not o.decay_norm_and_bias,
+                                       no_weight_decay_list=() if o.decay_norm_and_bias else no_decay)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                nesterov=o.nesterov)

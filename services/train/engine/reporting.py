@@ -1,5 +1,6 @@
-"""Where a run reports besides its checkpoints: MLflow (params, per-epoch metrics, figures, the model) and
-Prometheus (per-run gauges pushed to the Pushgateway). Only the main rank reports."""
+"""Where a run reports besides its checkpoints: MLflow (params, per-epoch metrics, the dataset, system
+metrics, figures, the final test figures, the model as a pyfunc) and Prometheus (per-run gauges pushed to the
+Pushgateway). Only the main rank reports."""
 from __future__ import annotations
 
 import tempfile
@@ -11,10 +12,10 @@ import yaml
 
 from services.train.config import TrainConfig
 from services.train.engine.state import RunState
-from services.train.engine.tasks import Task
+from services.train.engine.tasks import Evaluation, Task
 from shared.config import config_hash
 from shared.metrics import JobMetrics
-from shared.modelcard import CARD_FILE, WEIGHTS_FILE, ModelCard
+from shared.modelcard import ModelCard
 from shared.tracking import Tracker, find_run_by_tag
 
 GAUGES = {"train_loss": "training loss of the last epoch", "val_loss": "validation loss of the last epoch",
@@ -28,9 +29,10 @@ def open_tracker(cfg: TrainConfig, run_id: str, tracking_uri: str | None, state:
     if mlflow_run_id is None:
         # Killed before its first checkpoint: the MLflow run may exist already; continue it.
         mlflow_run_id = find_run_by_tag(cfg.experiment, "trainyard_run_id", run_id, tracking_uri=tracking_uri)
-    tags = {"trainyard_run_id": run_id, "model": cfg.model.name, **cfg.tags}
-    tracker = Tracker(experiment=cfg.experiment, run_name=cfg.run_name or run_id, tracking_uri=tracking_uri,
-                      tags=tags, run_id=mlflow_run_id, config_hash=config_hash(cfg), dataset_version=data_version)
+    tags = {"trainyard_run_id": run_id, "model": cfg.model.name, "selection_split": cfg.selection_split, **cfg.tags}
+    tracker = Tracker(experiment=cfg.experiment, run_name=cfg.run_name or cfg.default_run_name(),
+                      tracking_uri=tracking_uri, tags=tags, run_id=mlflow_run_id, config_hash=config_hash(cfg),
+                      dataset_version=data_version, system_metrics=True)
     tracker.start()
     state.mlflow_run_id = tracker.run_id
     return tracker
@@ -40,26 +42,40 @@ def log_run_start(tracker: Tracker, cfg: TrainConfig, model: torch.nn.Module, ta
     from shared.models import model_summary
 
     params = cfg.model_dump(mode="json")
-    params["data"].update(task.data_params())
+    data = task.data_params()
+    params["data"].update(data)
     params["world_size"] = world_size
     tracker.log_params(params)
     tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
     tracker.log_text(model_summary(model, input_size=tuple(task.input_size)).to_text(), "model_summary.txt")
-    tracker.set_tags({"num_params": sum(p.numel() for p in model.parameters())})
+    n_params = sum(p.numel() for p in model.parameters())
+    tracker.set_tags({"num_params": n_params})
+    # As metrics too, so the compare view can plot accuracy against size.
+    tracker.log_metrics({"num_params": n_params, "num_params_m": n_params / 1e6}, step=0)
+    name = f"{cfg.data.kind}:{Path(cfg.data.path).name}" if cfg.data.path else f"synthetic:seed{cfg.seed}"
+    tracker.log_dataset(name, task.data_version, cfg.data.path, profile=data)
 
 
-def log_run_end(tracker: Tracker, task: Task, state: RunState, card: ModelCard, weights: bytes) -> None:
-    """The figures, the history and the selected model, as the run's artifacts."""
-    for name, figure in task.figures(state.history, state.best_artifacts).items():
+def log_run_end(tracker: Tracker, cfg: TrainConfig, task: Task, state: RunState, final: Evaluation) -> None:
+    """The final test figures (once), the best epoch's selection metric, the figures and the history."""
+    last = state.history[-1]["epoch"] if state.history else 0
+    metric = cfg.checkpoint.keep_best_metric
+    best = {f"best_{metric}": state.best_metric} if state.best_metric is not None else {}
+    totals = {"best_epoch": state.best_epoch or 0, "epochs_done": len(state.history),
+              "train_time_total": sum(h.get("epoch_time", 0.0) for h in state.history)}
+    tracker.log_metrics({**final.metrics, **best, **totals}, step=last)
+    for name, figure in task.figures(state.history, state.best_artifacts, final).items():
         tracker.log_figure(figure, name)
-    tracker.log_dict({"history": state.history, "best_epoch": state.best_epoch, "best_metric": state.best_metric},
-                     "history.json")
+    tracker.log_dict({"history": state.history, "best_epoch": state.best_epoch, "best_metric": state.best_metric,
+                      "final": final.metrics}, "history.json")
+
+
+def log_model(tracker: Tracker, card: ModelCard, weights: bytes) -> None:
+    """The selected model as the run's ``model`` artifact: an MLflow pyfunc model (see shared.tracking.pyfunc)."""
+    from shared.tracking.pyfunc import save_pyfunc_model
+
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        model_dir.mkdir()
-        (model_dir / WEIGHTS_FILE).write_bytes(weights)
-        (model_dir / CARD_FILE).write_bytes(card.to_json())
-        tracker.log_artifact(model_dir, "model")
+        tracker.log_artifact(save_pyfunc_model(Path(tmp) / "model", card, weights), "model")
 
 
 class EpochGauges:

@@ -26,6 +26,7 @@ class RunState:
     schedule: dict[str, Any] = field(default_factory=dict)
     grad_scaler: dict[str, Any] | None = None
     config_hash: str = ""
+    step: int = 0  # optimiser steps taken (the EMA's warmup counts them)
 
     @classmethod
     def initial(cls, cfg: TrainConfig) -> RunState:
@@ -42,7 +43,7 @@ class RunState:
             "best": self.best.to_dict(), "early_stop": self.early_stop.to_dict() if self.early_stop else None,
             "history": self.history, "best_epoch": self.best_epoch, "best_artifacts": self.best_artifacts,
             "mlflow_run_id": self.mlflow_run_id, "stopped": self.stopped, "schedule": self.schedule,
-            "grad_scaler": self.grad_scaler, "config_hash": self.config_hash,
+            "grad_scaler": self.grad_scaler, "config_hash": self.config_hash, "step": self.step,
         }
 
     @classmethod
@@ -53,5 +54,5 @@ class RunState:
             history=list(d.get("history", [])), best_epoch=d.get("best_epoch"),
             best_artifacts=dict(d.get("best_artifacts") or {}), mlflow_run_id=d.get("mlflow_run_id"),
             stopped=d.get("stopped", ""), schedule=dict(d.get("schedule") or {}), grad_scaler=d.get("grad_scaler"),
-            config_hash=d.get("config_hash", ""),
+            config_hash=d.get("config_hash", ""), step=int(d.get("step", 0)),
         )

@@ -27,8 +27,14 @@ from services.train.config import TrainConfig
 from services.train.engine.data import DataBundle, load_data, make_train_loader
 from services.train.engine.distributed import DistInfo, all_reduce
 from services.train.engine.losses import Criterion, class_weights
-from shared.evaluation import classification_metrics
-from shared.plots import plot_confusion, plot_curves
+from shared.evaluation import (
+    ECE_BINS,
+    calibration_bins,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+)
+from shared.plots import plot_confusion, plot_curves, plot_reliability
 from shared.preprocess import Preprocessor
 
 
@@ -96,12 +102,19 @@ class Task(abc.ABC):
         """Forward one batch: (loss to back-propagate, per-batch sums kept on the device)."""
 
     @abc.abstractmethod
-    def epoch_metrics(self, sums: dict[str, float], val: Evaluation) -> dict[str, float]:
-        """The epoch's training figures from the summed ``step`` outputs, next to validation's."""
+    def epoch_metrics(self, sums: dict[str, float], train: Evaluation, val: Evaluation) -> dict[str, float]:
+        """The epoch's figures: the running ones from the summed ``step`` outputs, next to the evaluations of
+        the training sample and of validation."""
 
     @abc.abstractmethod
     def evaluate(self, model: torch.nn.Module, split: str) -> Evaluation:
-        """Metrics of ``model`` on ``split``, prefixed by the split's name."""
+        """Metrics of ``model`` on ``split`` ("val", or "train": a fixed sample of the training data measured
+        like validation), prefixed by the split's name."""
+
+    @abc.abstractmethod
+    def final_evaluation(self, model: torch.nn.Module) -> Evaluation:
+        """Once, after training, on the selected weights: the test split's metrics (``test_*``) and whatever
+        is fitted on validation (a calibration temperature); ``artifacts`` hold figures and card fields."""
 
     @abc.abstractmethod
     def card_fields(self) -> dict[str, Any]:
@@ -109,16 +122,24 @@ class Task(abc.ABC):
 
     card_metrics: tuple[str, ...] = ()  # the best epoch's metrics the model card carries
 
-    def figures(self, history: list[dict[str, float]], best: dict[str, Any]) -> dict[str, Any]:
-        """Figures (artifact name -> matplotlib figure) explaining the run, logged at its end."""
+    def figures(self, history: list[dict[str, float]], best: dict[str, Any], final: Evaluation | None = None
+                ) -> dict[str, Any]:
+        """Figures (artifact name -> matplotlib figure) explaining the run, logged at its end: ``best`` holds
+        the artifacts of the selected epoch's validation, ``final`` the final evaluation."""
         return {"curves.png": plot_curves(history)}
 
 
 class ClassificationTask(Task):
-    """Image classification from an in-memory dataset (MNIST IDX, CIFAR batches, image folders, synthetic)."""
+    """Image classification from an in-memory dataset (MNIST IDX, CIFAR batches, image folders, synthetic).
 
-    card_metrics = ("val_acc", "val_loss", "train_acc", "train_loss", "overfit_gap", "val_f1", "val_precision",
-                    "val_recall", "epoch")
+    Per epoch: the running training objective and accuracy come from the training steps themselves
+    (``train_objective``, ``train_running_acc``: augmented batches, train mode); ``train_loss`` and
+    ``train_acc`` are measured exactly like validation's (eval mode, no augmentation, plain cross-entropy) on a
+    fixed sample of the training data, so ``overfit_gap = train_acc - val_acc`` compares like with like.
+    """
+
+    card_metrics = ("val_acc", "val_loss", "val_f1", "val_precision", "val_recall", "val_ece", "train_acc",
+                    "train_loss", "overfit_gap", "epoch")
 
     def load(self) -> None:
         rt = self.runtime
@@ -128,13 +149,17 @@ class ClassificationTask(Task):
         self.criterion = Criterion(self.cfg.loss.name, len(self.classes),
                                    class_weights(self.cfg, self.data.train_y, len(self.classes)),
                                    self.cfg.loss.label_smoothing, self.cfg.loss.focal_gamma).to(rt.device)
+        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
 
     @property
     def data_version(self) -> str:
         return self.data.version
 
     def data_params(self) -> dict[str, Any]:
-        return {"train_samples": len(self.data.train_y), "val_samples": len(self.data.val_y)}
+        d = self.data
+        return {"train_samples": len(d.train_y), "val_samples": len(d.val_y),
+                "test_samples": len(d.test_y) if d.test_y is not None else 0, "val_source": d.val_source,
+                "train_eval_samples": len(d.split("train")[1])}
 
     @property
     def input_size(self) -> list[int]:
@@ -148,59 +173,103 @@ class ClassificationTask(Task):
 
     def step(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = batch
-        x = self.preprocess.resize(x)  # upsampling on the device (small images for a large-input model)
+        # Upsampling on the device (small images for a large-input model), then the configured layout.
+        x = self.preprocess.resize(x).contiguous(memory_format=self.memory_format)
         out = model(x)
         loss = self.criterion(out, y)
         hard = y if y.dim() == 1 else y.argmax(1)  # mixup/cutmix give soft targets
         return loss, {"loss_sum": loss.detach() * x.shape[0], "correct": (out.detach().argmax(1) == hard).sum(),
                       "seen": x.shape[0]}
 
-    def epoch_metrics(self, sums: dict[str, float], val: Evaluation) -> dict[str, float]:
+    def epoch_metrics(self, sums: dict[str, float], train: Evaluation, val: Evaluation) -> dict[str, float]:
         seen = max(sums["seen"], 1)
-        train_acc = sums["correct"] / seen
-        return {"train_loss": sums["loss_sum"] / seen, "train_acc": train_acc, **val.metrics,
-                "overfit_gap": train_acc - val.metrics["val_acc"]}
+        return {"train_objective": sums["loss_sum"] / seen, "train_running_acc": sums["correct"] / seen,
+                **train.metrics, **val.metrics, "overfit_gap": train.metrics["train_acc"] - val.metrics["val_acc"]}
 
-    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split == "val":
-            return self.data.val_x, self.data.val_y
-        raise ValueError(f"no {split!r} split")
+    def evaluate(self, model: torch.nn.Module, split: str) -> Evaluation:
+        return self._evaluate(model, split, per_class=split != "train")
 
     @torch.inference_mode()
-    def evaluate(self, model: torch.nn.Module, split: str) -> Evaluation:
-        """Plain (unweighted, unsmoothed) CE loss, accuracy and the per-class metrics of the confusion matrix."""
+    def _evaluate(self, model: torch.nn.Module, split: str, *, temperature: float = 1.0, per_class: bool = True,
+                  keep_logits: bool = False, shard: bool = True) -> Evaluation:
+        """Plain (unweighted, unsmoothed) CE loss, accuracy, ECE and the per-class metrics of the confusion
+        matrix; each rank takes a strided shard and the sums are all-reduced, so every sample counts once."""
         rt = self.runtime
-        x_u8, y = self._split(split)
+        x_u8, y = self.data.split(split)
         n_cls = len(self.classes)
         model.eval()
         bs = self.cfg.eval_batch_size or max(self.cfg.batch_size, 256)
-        idx = torch.arange(rt.dist.rank, len(y), rt.dist.world_size)
+        idx = torch.arange(rt.dist.rank, len(y), rt.dist.world_size) if shard else torch.arange(len(y))
         loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
         confusion = torch.zeros(n_cls * n_cls, device=rt.device, dtype=torch.int64)
+        bins = torch.zeros(3, ECE_BINS, device=rt.device, dtype=torch.float64)
+        scaled_bins = torch.zeros_like(bins)
+        logits = []
         for i in range(0, len(idx), bs):
             sel = idx[i:i + bs]
             xb = self.preprocess(x_u8[sel].to(rt.device, non_blocking=True))
+            xb = xb.contiguous(memory_format=self.memory_format)
             yb = y[sel].to(rt.device, non_blocking=True)
             with rt.autocast():
-                out = model(xb)
-            loss_sum += F.cross_entropy(out.float(), yb, reduction="sum")
+                out = model(xb).float()
+            loss_sum += F.cross_entropy(out, yb, reduction="sum")
             confusion += torch.bincount(yb * n_cls + out.argmax(1), minlength=n_cls * n_cls)
-        all_reduce(loss_sum, rt.dist)
-        all_reduce(confusion, rt.dist)
+            bins += calibration_bins(out.softmax(1), yb)
+            if temperature != 1.0:
+                scaled_bins += calibration_bins((out / temperature).softmax(1), yb)
+            if keep_logits:
+                logits.append(out.cpu())
+        if shard:
+            for t in (loss_sum, confusion, bins, scaled_bins):
+                all_reduce(t, rt.dist)
         confusion = confusion.view(n_cls, n_cls).cpu()
-        metrics = {f"{split}_loss": float(loss_sum) / max(len(y), 1),
-                   f"{split}_acc": float(confusion.diag().sum() / confusion.sum().clamp(min=1)),
-                   **classification_metrics(confusion, self.classes, prefix=split)}
-        return Evaluation(metrics, {"confusion": confusion.tolist()})
+        metrics = {f"{split}_loss": float(loss_sum) / max(len(y), 1), f"{split}_ece": expected_calibration_error(bins)}
+        if per_class:
+            metrics.update(classification_metrics(confusion, self.classes, prefix=split))
+        else:
+            metrics[f"{split}_acc"] = float(confusion.diag().sum() / confusion.sum().clamp(min=1))
+        artifacts: dict[str, Any] = {"confusion": confusion.tolist(), "calibration": bins.cpu().tolist()}
+        if temperature != 1.0:
+            metrics[f"{split}_ece_calibrated"] = expected_calibration_error(scaled_bins)
+            artifacts["calibration_scaled"] = scaled_bins.cpu().tolist()
+        if keep_logits:
+            artifacts["logits"], artifacts["labels"] = torch.cat(logits), y[idx]
+        return Evaluation(metrics, artifacts)
+
+    def final_evaluation(self, model: torch.nn.Module) -> Evaluation:
+        temperature = 1.0
+        metrics: dict[str, float] = {}
+        artifacts: dict[str, Any] = {}
+        if self.cfg.calibration.temperature:
+            # Fitted on validation (every rank on the whole split, so all agree), applied to test.
+            val = self._evaluate(model, "val", per_class=False, keep_logits=True, shard=False)
+            temperature = fit_temperature(val.artifacts["logits"], val.artifacts["labels"])
+            again = self._evaluate(model, "val", temperature=temperature, per_class=False)
+            metrics.update(temperature=temperature, val_ece_calibrated=again.metrics["val_ece_calibrated"])
+            artifacts["val_calibration_scaled"] = again.artifacts["calibration_scaled"]
+        if self.data.test_y is not None:
+            test = self._evaluate(model, "test", temperature=temperature)
+            metrics.update(test.metrics)
+            artifacts["test"] = test.artifacts
+        artifacts["card"] = {"temperature": temperature, "selection_split": self.cfg.selection_split,
+                             "val_source": self.data.val_source}
+        return Evaluation(metrics, artifacts)
 
     def card_fields(self) -> dict[str, Any]:
         return {"classes": self.classes, "input_size": self.data.input_size,
                 "normalization": {"mean": self.data.mean, "std": self.data.std}}
 
-    def figures(self, history: list[dict[str, float]], best: dict[str, Any]) -> dict[str, Any]:
+    def figures(self, history: list[dict[str, float]], best: dict[str, Any], final: Evaluation | None = None
+                ) -> dict[str, Any]:
         figures = super().figures(history, best)
         if best.get("confusion") is not None:
             figures["confusion_matrix.png"] = plot_confusion(np.asarray(best["confusion"]), self.classes)
+        if best.get("calibration") is not None:
+            figures["reliability_val.png"] = plot_reliability(np.asarray(best["calibration"]), "validation")
+        test = (final.artifacts.get("test") if final is not None else None) or {}
+        if test:
+            figures["confusion_matrix_test.png"] = plot_confusion(np.asarray(test["confusion"]), self.classes)
+            figures["reliability_test.png"] = plot_reliability(np.asarray(test["calibration"]), "test")
         return figures
 
 

@@ -1,0 +1,50 @@
+"""Building the MLflow model (pyfunc flavour, see ``pyfunc_model``) of a published trainyard model."""
+from __future__ import annotations
+
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from shared.modelcard import CARD_FILE, WEIGHTS_FILE, ModelCard
+
+_SHARED = Path(__file__).resolve().parents[1]
+# What the model's code imports; pinned to the versions it was built with.
+_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy", "pandas", "pillow", "pydantic", "grpcio",
+                 "protobuf", "pyyaml", "mlflow")
+
+
+def _requirements() -> list[str]:
+    out = []
+    for name in _REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def save_pyfunc_model(path: str | Path, card: ModelCard, weights: bytes) -> Path:
+    """Write an MLflow model directory at ``path`` that ``mlflow.pyfunc.load_model`` predicts with.
+
+    The signature takes uint8 images [N, H, W, C] of any size with the card's channel count; the input
+    example is one blank image at the card's input size (MLflow checks it predicts before saving).
+    """
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    channels, height, width = card.input_size
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, channels))]),
+                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_path, card_path = Path(tmp) / WEIGHTS_FILE, Path(tmp) / CARD_FILE
+        weights_path.write_bytes(weights)
+        card_path.write_bytes(card.to_json())
+        mlflow.pyfunc.save_model(
+            str(path), python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"weights": str(weights_path), "model_card": str(card_path)}, code_paths=[str(_SHARED)],
+            signature=signature, input_example=np.zeros((1, height, width, channels), np.uint8),
+            pip_requirements=_requirements())
+    return Path(path)
