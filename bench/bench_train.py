@@ -16,13 +16,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.loops import bare_loop  # noqa: E402
 from services.train.config import parse_train_config  # noqa: E402
 from services.train.engine import Engine  # noqa: E402
 from shared.data import synthetic_digits  # noqa: E402
@@ -30,23 +30,10 @@ from shared.models import create_model  # noqa: E402
 from shared.storage import open_store  # noqa: E402
 
 
-def bare_loop(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> float:
-    """Samples/s of the plainest loop over pre-normalised in-memory tensors (best epoch)."""
+def bare_mnist(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> float:
     torch.manual_seed(seed)
     model = create_model("mnist_ultralight")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    best = 0.0
-    for _ in range(epochs):
-        perm = torch.randperm(len(y))
-        t0 = time.perf_counter()
-        for i in range(0, len(y), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        best = max(best, len(y) / (time.perf_counter() - t0))
-    return best
+    return bare_loop(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), x, y, batch_size, epochs)
 
 
 def platform(home: Path, train_size: int, batch_size: int, epochs: int, run_id: str) -> dict[str, float]:
@@ -100,7 +87,7 @@ def main() -> int:
         for bs in args.batch_sizes:
             bare, plat = [], []
             for r in range(args.rounds):
-                bare.append(bare_loop(x, y, bs, args.epochs))
+                bare.append(bare_mnist(x, y, bs, args.epochs))
                 plat.append(platform(home, args.train_size, bs, args.epochs, f"bench-{bs}-{r}"))
             b = max(bare)
             best = max(plat, key=lambda d: d["samples_per_second"])

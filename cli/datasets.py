@@ -12,7 +12,7 @@ _OPTION_FLAGS = {
     "input": dict(help="cad: folder or store URL of DeepCAD JSON files"),
     "image_size": dict(type=int, help="cad / logos image side in pixels"),
     "shard_size": dict(type=int, help="trajectories: samples per shard"),
-    "test_count": dict(type=int, help="digits: test split size"),
+    "test_count": dict(type=int, help="digits / cifar-synth: test split size"),
     "val_per_class": dict(type=int, help="logos: validation images per class"),
     "gzip": dict(action="store_true", help="digits: write .gz IDX files"),
 }

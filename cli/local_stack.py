@@ -17,6 +17,8 @@ from shared.parallel import process_alive
 from shared.settings import load_settings
 
 SERVICES = list(SERVICE_PORTS)
+# Two training workers at once locally: a study's parallel trials each get one of the two cores.
+EXTRA_ARGS = {"train": ["--max-concurrent", "2"]}
 
 
 def _state_file() -> Path:
@@ -47,7 +49,7 @@ def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str =
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}", "--port", str(port),
-                 "--metrics-port", str(metrics_port), "--host", host],
+                 "--metrics-port", str(metrics_port), "--host", host, *EXTRA_ARGS.get(name, [])],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

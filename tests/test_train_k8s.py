@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import yaml
 from kubernetes import client as k8s
 
 from services.train.events import events_key
@@ -154,3 +155,47 @@ def test_replicas_make_an_indexed_job_running_torchrun(manager):
     assert container["command"] == ["torchrun"]
     assert "--nnodes=2" in container["args"] and "--node-rank=$(JOB_COMPLETION_INDEX)" in container["args"]
     assert spec["template"]["spec"]["subdomain"] == "trainyard-train-workers"
+
+
+def test_study_trials_become_labelled_jobs_one_at_a_time_and_cancel_deletes_them(kube, manager, tmp_path,
+                                                                                monkeypatch):
+    from services.train.studies.manager import LABEL_STUDY, LABEL_TRIAL, StudyManager
+    from tests.harness.kube import validate_strict
+
+    monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "home"))
+    spec = f"""
+name: k8s-study
+base_config: {json.dumps({"experiment": "x", "model": {"name": "mnist_ultralight"}, "epochs": 2,
+                          "data": {"kind": "mnist", "path": "store:datasets/digits"}})}
+grid: {{seed: [0, 1]}}
+parallelism: 1
+"""
+    studies = StudyManager(manager, open_store(tmp_path / "store"), tracking_uri=f"sqlite:///{tmp_path / 'ml.db'}",
+                           poll_s=0.1)
+    record = studies.submit(spec, backend="kubernetes")
+    first, second = record.trials
+    base = f"/apis/batch/v1/namespaces/{NS}/jobs"
+    deadline = time.monotonic() + 30
+    while ("POST", base) not in _job_requests(kube):
+        assert time.monotonic() < deadline, "the study never created its first Job"
+        time.sleep(0.05)
+    time.sleep(1.0)  # parallelism 1: no second Job may follow while the first one runs
+    posts = [r for r in kube.state.requests if r.method == "POST" and r.path == base]
+    assert len(posts) == 1
+    job = posts[0].body
+    assert job["metadata"]["name"] == job_name(first.run_id)
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels[LABEL_STUDY] == record.study_id and labels[LABEL_TRIAL] == first.trial_id
+    assert validate_strict([job]) == []
+    config = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}[CONFIG_ENV]
+    # A pod has its own cores: only local trials get a share of this machine's.
+    assert yaml.safe_load(config)["num_threads"] is None
+
+    before = len(kube.state.requests)
+    cancelled = studies.cancel(record.study_id)
+    assert cancelled.state == "CANCELLED"
+    after = [(r.method, r.path) for r in kube.state.requests[before:] if "/jobs" in r.path]
+    assert ("DELETE", f"{base}/{job_name(first.run_id)}") in after
+    assert not any(job_name(second.run_id) in path for _, path in after)
+    assert {t: o.state for t, o in cancelled.outcomes.items()} == {first.trial_id: "CANCELLED",
+                                                                    second.trial_id: "CANCELLED"}

@@ -61,6 +61,12 @@ def _digits(count: int, seed: int, opts: dict[str, Any]) -> Any:
     return create_job("digits", {"seed": seed, "train": train, "test": test, "gzip": bool(opts.get("gzip", False))})
 
 
+def _cifar_synth(count: int, seed: int, opts: dict[str, Any]) -> Any:
+    train = count or 50_000
+    return create_job("cifar-synth", {"seed": seed, "train": train,
+                                      "test": int(opts.get("test_count") or max(1, train // 5))})
+
+
 KINDS: dict[str, RenderKind] = {k.name: k for k in (
     RenderKind("cad", "cad", "services.render.cad.jobs:CadRenderJob", ("input", "image_size"), _cad,
                "front/top/right views of DeepCAD JSON models"),
@@ -73,6 +79,8 @@ KINDS: dict[str, RenderKind] = {k.name: k for k in (
                "logo images in four classes (simple, text, gradient, complex)"),
     RenderKind("digits", "digits", "services.render.digits:DigitsJob", ("test_count", "gzip"), _digits,
                "handwritten-style digits in MNIST's IDX format"),
+    RenderKind("cifar-synth", "cifar_synth", "services.render.cifar:CifarSynthJob", ("test_count",), _cifar_synth,
+               "10-class 32x32 RGB shapes in CIFAR-10's python-batch format"),
 )}
 
 

@@ -70,6 +70,7 @@ def build_job(record: RunRecord, settings: JobSettings) -> k8s.V1Job:
         "app.kubernetes.io/name": "trainyard",
         "app.kubernetes.io/component": COMPONENT,
         RUN_ID_LABEL: record.run_id,
+        **record.labels,  # a study's trial: trainyard.io/study, trainyard.io/trial
     }
     env = [
         k8s.V1EnvVar(name=CONFIG_ENV, value=record.config_yaml),

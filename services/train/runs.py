@@ -43,6 +43,8 @@ class RunRecord:
     cancelled: bool = False
     # Backend-specific handle: a PID for local runs, a Job name for Kubernetes ones.
     handle: dict = field(default_factory=dict)
+    # Labels the backend puts on what it launches (a study's trials carry their study and trial ids).
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +106,10 @@ class RunView:
     started: float = 0.0
     finished: float = 0.0
     epoch_events: list[dict] = field(default_factory=list)
+    # True when the run itself reported how it ended; False when the backend saw its worker vanish
+    # (killed, evicted): such a run can be resumed from its newest checkpoint.
+    reported: bool = False
+    benchmark_seconds: float = 0.0  # measuring the exported model (benchmark.enabled), part of the run
 
 
 def derive(record: RunRecord, events: list[dict], status: BackendStatus) -> RunView:
@@ -117,7 +123,8 @@ def derive(record: RunRecord, events: list[dict], status: BackendStatus) -> RunV
             view.state = ev["state"]
             view.message = ev.get("message", "")
             view.mlflow_run_id = ev.get("mlflow_run_id", view.mlflow_run_id)
-            if ev["state"] in TERMINAL:
+            view.reported = ev["state"] in TERMINAL
+            if view.reported:
                 view.finished = ev.get("ts", 0.0)
         elif kind == "epoch":
             view.epoch = int(ev["epoch"])
@@ -125,6 +132,8 @@ def derive(record: RunRecord, events: list[dict], status: BackendStatus) -> RunV
             view.epoch_events.append(ev)
         elif kind == "model":
             view.model_uri = ev.get("uri", "")
+        elif kind == "benchmark":
+            view.benchmark_seconds = float(ev.get("seconds", 0.0))
     if record.cancelled and view.state not in ("SUCCEEDED",):
         view.state, view.message = "CANCELLED", view.message or "cancelled by request"
     elif view.state not in TERMINAL:
@@ -159,6 +168,9 @@ class RunManager:
         tmp.write_text(json.dumps(asdict(record), indent=2))
         tmp.replace(path)
 
+    def exists(self, run_id: str) -> bool:
+        return (self.run_dir(validate_run_id(run_id)) / "run.json").exists()
+
     def load(self, run_id: str) -> RunRecord:
         validate_run_id(run_id)
         path = self.run_dir(run_id) / "run.json"
@@ -174,7 +186,7 @@ class RunManager:
 
     # -- operations ----------------------------------------------------------------------------
     def submit(self, config_yaml: str, overrides: list[str] = (), backend: str = "", run_id: str = "",
-               replicas: int = 0) -> RunView:
+               replicas: int = 0, labels: dict[str, str] | None = None) -> RunView:
         """Validate the config and start it; an existing, ended ``run_id`` resumes from its checkpoint."""
         data = load_yaml(config_yaml, "config_yaml")
         config = parse_train_config(data, list(overrides))
@@ -208,6 +220,7 @@ class RunManager:
                 )
             record.backend = backend or record.backend
             record.replicas = replicas
+            record.labels = dict(labels or record.labels)
             record.submitted = time.time()
             run_dir = self.run_dir(run_id)
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """gRPC servicer of the train service: thin, it delegates to the run registry (runs.py) and its backends."""
 from __future__ import annotations
 
+import json
 import os
 
 import grpc
@@ -8,6 +9,7 @@ import grpc
 from services.train.k8s_backend import JobSettings, KubernetesBackend
 from services.train.local_backend import LocalBackend
 from services.train.runs import RunManager, RunView, UnavailableBackend
+from services.train.studies.manager import StudyManager, StudyRecord
 from shared.errors import FailedPrecondition
 from shared.grpc_server import serve, service_arg_parser
 from shared.pb import train_pb2, train_pb2_grpc
@@ -24,9 +26,24 @@ def to_proto(view: RunView) -> train_pb2.Run:
     )
 
 
+def study_to_proto(record: StudyRecord, metrics: dict[str, dict[str, float]] | None = None) -> train_pb2.Study:
+    trials = []
+    for t in record.trials:
+        outcome = record.outcome(t.trial_id)
+        trials.append(train_pb2.Trial(trial_id=t.trial_id, run_id=t.run_id, state=outcome.state,
+                                      overrides={k: json.dumps(v) for k, v in t.overrides.items()},
+                                      message=outcome.reason, metrics=(metrics or {}).get(t.trial_id, {})))
+    return train_pb2.Study(
+        study_id=record.study_id, name=record.spec.name, state=record.state, message=record.message,
+        backend=record.backend, trials=trials, mlflow_parent_run_id=record.parent_run_id,
+        report_uri=record.report_uri, created_unix=record.created, finished_unix=record.finished,
+        timing=record.timing, parallelism=record.spec.parallelism)
+
+
 class TrainServiceServicer(train_pb2_grpc.TrainServiceServicer):
-    def __init__(self, manager: RunManager):
+    def __init__(self, manager: RunManager, studies: StudyManager | None = None):
         self.manager = manager
+        self.studies = studies
 
     def SubmitRun(self, request, context):
         view = self.manager.submit(request.config_yaml, list(request.overrides), request.backend,
@@ -52,6 +69,36 @@ class TrainServiceServicer(train_pb2_grpc.TrainServiceServicer):
             train_pb2.RunState.Name(request.state).removeprefix("RUN_STATE_")
         return train_pb2.ListRunsResponse(runs=[to_proto(v) for v in self.manager.list(state, request.limit)])
 
+    # ---- studies
+
+    def _studies(self) -> StudyManager:
+        if self.studies is None:
+            raise FailedPrecondition("this train service runs no studies")
+        return self.studies
+
+    def SubmitStudy(self, request, context):
+        return study_to_proto(self._studies().submit(request.spec_yaml, request.backend))
+
+    def GetStudy(self, request, context):
+        return study_to_proto(self._studies().get(request.study_id))
+
+    def WatchStudy(self, request, context):
+        for kind, item in self._studies().watch(request.study_id, is_active=context.is_active):
+            if kind == "study":
+                yield train_pb2.StudyEvent(study=study_to_proto(item))
+            else:
+                yield train_pb2.StudyEvent(trial=train_pb2.Trial(
+                    trial_id=item["trial_id"], state=item["state"], message=item.get("message", ""),
+                    metrics={k: float(v) for k, v in item.get("metrics", {}).items()}))
+
+    def CancelStudy(self, request, context):
+        return study_to_proto(self._studies().cancel(request.study_id))
+
+    def ListStudies(self, request, context):
+        records = self._studies().list()
+        return train_pb2.ListStudiesResponse(
+            studies=[study_to_proto(r) for r in records[:request.limit or len(records)]])
+
 
 def build_manager(default_backend: str = "local", max_concurrent: int = 1,
                   job_settings: JobSettings | None = None) -> RunManager:
@@ -61,6 +108,13 @@ def build_manager(default_backend: str = "local", max_concurrent: int = 1,
     except FailedPrecondition as exc:
         backends["kubernetes"] = UnavailableBackend("kubernetes", str(exc))
     return RunManager(backends, default_backend=default_backend)
+
+
+def build_studies(manager: RunManager) -> StudyManager:
+    """The study manager over ``manager``; resumes the studies an earlier server left unfinished."""
+    from shared.storage import open_store
+
+    return StudyManager(manager, open_store())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def register(server: grpc.Server) -> list[str]:
         manager = build_manager(args.default_backend, args.max_concurrent, job_settings)
-        train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(manager), server)
+        train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(manager, build_studies(manager)),
+                                                          server)
         return [train_pb2.DESCRIPTOR.services_by_name["TrainService"].full_name]
 
     serve("train", register, args)

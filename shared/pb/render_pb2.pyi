@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RenderRequest(_message.Message):
-    __slots__ = ("out", "count", "seed", "workers", "resume", "cad", "cad_synth", "trajectories", "logos", "digits")
+    __slots__ = ("out", "count", "seed", "workers", "resume", "cad", "cad_synth", "trajectories", "logos", "digits", "cifar_synth")
     OUT_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class RenderRequest(_message.Message):
     TRAJECTORIES_FIELD_NUMBER: _ClassVar[int]
     LOGOS_FIELD_NUMBER: _ClassVar[int]
     DIGITS_FIELD_NUMBER: _ClassVar[int]
+    CIFAR_SYNTH_FIELD_NUMBER: _ClassVar[int]
     out: str
     count: int
     seed: int
@@ -28,7 +29,8 @@ class RenderRequest(_message.Message):
     trajectories: TrajectoryRender
     logos: LogoRender
     digits: DigitRender
-    def __init__(self, out: _Optional[str] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., workers: _Optional[int] = ..., resume: _Optional[bool] = ..., cad: _Optional[_Union[CadRender, _Mapping]] = ..., cad_synth: _Optional[_Union[CadSynth, _Mapping]] = ..., trajectories: _Optional[_Union[TrajectoryRender, _Mapping]] = ..., logos: _Optional[_Union[LogoRender, _Mapping]] = ..., digits: _Optional[_Union[DigitRender, _Mapping]] = ...) -> None: ...
+    cifar_synth: CifarSynthRender
+    def __init__(self, out: _Optional[str] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., workers: _Optional[int] = ..., resume: _Optional[bool] = ..., cad: _Optional[_Union[CadRender, _Mapping]] = ..., cad_synth: _Optional[_Union[CadSynth, _Mapping]] = ..., trajectories: _Optional[_Union[TrajectoryRender, _Mapping]] = ..., logos: _Optional[_Union[LogoRender, _Mapping]] = ..., digits: _Optional[_Union[DigitRender, _Mapping]] = ..., cifar_synth: _Optional[_Union[CifarSynthRender, _Mapping]] = ...) -> None: ...
 
 class CadRender(_message.Message):
     __slots__ = ("input", "image_size")
@@ -63,6 +65,12 @@ class DigitRender(_message.Message):
     test_count: int
     gzip: bool
     def __init__(self, test_count: _Optional[int] = ..., gzip: _Optional[bool] = ...) -> None: ...
+
+class CifarSynthRender(_message.Message):
+    __slots__ = ("test_count",)
+    TEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    test_count: int
+    def __init__(self, test_count: _Optional[int] = ...) -> None: ...
 
 class DescribeDatasetRequest(_message.Message):
     __slots__ = ("location",)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18trainyard/v1/train.proto\x12\x0ctrainyard.v1\"m\n\x10SubmitRunRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x11\n\toverrides\x18\x02 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x10\n\x08replicas\x18\x05 \x01(\x05\"\x95\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.trainyard.v1.RunState\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x12\n\nexperiment\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\x05\x12/\n\x07metrics\x18\x08 \x03(\x0b\x32\x1e.trainyard.v1.Run.MetricsEntry\x12\x15\n\rmlflow_run_id\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x0b \x01(\x01\x12\x14\n\x0cstarted_unix\x18\x0c \x01(\x01\x12\x15\n\rfinished_unix\x18\r \x01(\x01\x12\x13\n\x0b\x63onfig_yaml\x18\x0e \x01(\t\x12\x10\n\x08replicas\x18\x0f \x01(\x05\x12\x11\n\tmodel_uri\x18\x10 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x87\x01\n\x0c\x45pochMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x38\n\x07metrics\x18\x02 \x03(\x0b\x32\'.trainyard.v1.EpochMetrics.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"b\n\x08RunEvent\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x11.trainyard.v1.RunH\x00\x12+\n\x05\x65poch\x18\x02 \x01(\x0b\x32\x1a.trainyard.v1.EpochMetricsH\x00\x42\x07\n\x05\x65vent\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"G\n\x0fListRunsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.trainyard.v1.RunState\x12\r\n\x05limit\x18\x02 \x01(\x05\"3\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.trainyard.v1.Run*\x9a\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x32\xd8\x02\n\x0cTrainService\x12>\n\tSubmitRun\x12\x1e.trainyard.v1.SubmitRunRequest\x1a\x11.trainyard.v1.Run\x12\x38\n\x06GetRun\x12\x1b.trainyard.v1.GetRunRequest\x1a\x11.trainyard.v1.Run\x12\x43\n\x08WatchRun\x12\x1d.trainyard.v1.WatchRunRequest\x1a\x16.trainyard.v1.RunEvent0\x01\x12>\n\tCancelRun\x12\x1e.trainyard.v1.CancelRunRequest\x1a\x11.trainyard.v1.Run\x12I\n\x08ListRuns\x12\x1d.trainyard.v1.ListRunsRequest\x1a\x1e.trainyard.v1.ListRunsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18trainyard/v1/train.proto\x12\x0ctrainyard.v1\"m\n\x10SubmitRunRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x11\n\toverrides\x18\x02 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x10\n\x08replicas\x18\x05 \x01(\x05\"\x95\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.trainyard.v1.RunState\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x12\n\nexperiment\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\x05\x12/\n\x07metrics\x18\x08 \x03(\x0b\x32\x1e.trainyard.v1.Run.MetricsEntry\x12\x15\n\rmlflow_run_id\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x0b \x01(\x01\x12\x14\n\x0cstarted_unix\x18\x0c \x01(\x01\x12\x15\n\rfinished_unix\x18\r \x01(\x01\x12\x13\n\x0b\x63onfig_yaml\x18\x0e \x01(\t\x12\x10\n\x08replicas\x18\x0f \x01(\x05\x12\x11\n\tmodel_uri\x18\x10 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x87\x01\n\x0c\x45pochMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x38\n\x07metrics\x18\x02 \x03(\x0b\x32\'.trainyard.v1.EpochMetrics.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"b\n\x08RunEvent\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x11.trainyard.v1.RunH\x00\x12+\n\x05\x65poch\x18\x02 \x01(\x0b\x32\x1a.trainyard.v1.EpochMetricsH\x00\x42\x07\n\x05\x65vent\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"G\n\x0fListRunsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.trainyard.v1.RunState\x12\r\n\x05limit\x18\x02 \x01(\x05\"3\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.trainyard.v1.Run\"8\n\x12SubmitStudyRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\"\x95\x02\n\x05Trial\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x35\n\toverrides\x18\x04 \x03(\x0b\x32\".trainyard.v1.Trial.OverridesEntry\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .trainyard.v1.Trial.MetricsEntry\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd1\x02\n\x05Study\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12#\n\x06trials\x18\x06 \x03(\x0b\x32\x13.trainyard.v1.Trial\x12\x1c\n\x14mlflow_parent_run_id\x18\x07 \x01(\t\x12\x12\n\nreport_uri\x18\x08 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\x12\x15\n\rfinished_unix\x18\n \x01(\x01\x12/\n\x06timing\x18\x0b \x03(\x0b\x32\x1f.trainyard.v1.Study.TimingEntry\x12\x13\n\x0bparallelism\x18\x0c \x01(\x05\x1a-\n\x0bTimingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\x0fGetStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"%\n\x11WatchStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"a\n\nStudyEvent\x12$\n\x05study\x18\x01 \x01(\x0b\x32\x13.trainyard.v1.StudyH\x00\x12$\n\x05trial\x18\x02 \x01(\x0b\x32\x13.trainyard.v1.TrialH\x00\x42\x07\n\x05\x65vent\"&\n\x12\x43\x61ncelStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"#\n\x12ListStudiesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\";\n\x13ListStudiesResponse\x12$\n\x07studies\x18\x01 \x03(\x0b\x32\x13.trainyard.v1.Study*\x9a\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x32\xc3\x05\n\x0cTrainService\x12>\n\tSubmitRun\x12\x1e.trainyard.v1.SubmitRunRequest\x1a\x11.trainyard.v1.Run\x12\x38\n\x06GetRun\x12\x1b.trainyard.v1.GetRunRequest\x1a\x11.trainyard.v1.Run\x12\x43\n\x08WatchRun\x12\x1d.trainyard.v1.WatchRunRequest\x1a\x16.trainyard.v1.RunEvent0\x01\x12>\n\tCancelRun\x12\x1e.trainyard.v1.CancelRunRequest\x1a\x11.trainyard.v1.Run\x12I\n\x08ListRuns\x12\x1d.trainyard.v1.ListRunsRequest\x1a\x1e.trainyard.v1.ListRunsResponse\x12\x44\n\x0bSubmitStudy\x12 .trainyard.v1.SubmitStudyRequest\x1a\x13.trainyard.v1.Study\x12>\n\x08GetStudy\x12\x1d.trainyard.v1.GetStudyRequest\x1a\x13.trainyard.v1.Study\x12I\n\nWatchStudy\x12\x1f.trainyard.v1.WatchStudyRequest\x1a\x18.trainyard.v1.StudyEvent0\x01\x12\x44\n\x0b\x43\x61ncelStudy\x12 .trainyard.v1.CancelStudyRequest\x1a\x13.trainyard.v1.Study\x12R\n\x0bListStudies\x12 .trainyard.v1.ListStudiesRequest\x1a!.trainyard.v1.ListStudiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUN_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EPOCHMETRICS_METRICSENTRY']._loaded_options = None
   _globals['_EPOCHMETRICS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1030
-  _globals['_RUNSTATE']._serialized_end=1184
+  _globals['_TRIAL_OVERRIDESENTRY']._loaded_options = None
+  _globals['_TRIAL_OVERRIDESENTRY']._serialized_options = b'8\001'
+  _globals['_TRIAL_METRICSENTRY']._loaded_options = None
+  _globals['_TRIAL_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_STUDY_TIMINGENTRY']._loaded_options = None
+  _globals['_STUDY_TIMINGENTRY']._serialized_options = b'8\001'
+  _globals['_RUNSTATE']._serialized_start=2021
+  _globals['_RUNSTATE']._serialized_end=2175
   _globals['_SUBMITRUNREQUEST']._serialized_start=42
   _globals['_SUBMITRUNREQUEST']._serialized_end=151
   _globals['_RUN']._serialized_start=154
@@ -59,6 +65,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRUNSREQUEST']._serialized_end=974
   _globals['_LISTRUNSRESPONSE']._serialized_start=976
   _globals['_LISTRUNSRESPONSE']._serialized_end=1027
-  _globals['_TRAINSERVICE']._serialized_start=1187
-  _globals['_TRAINSERVICE']._serialized_end=1531
+  _globals['_SUBMITSTUDYREQUEST']._serialized_start=1029
+  _globals['_SUBMITSTUDYREQUEST']._serialized_end=1085
+  _globals['_TRIAL']._serialized_start=1088
+  _globals['_TRIAL']._serialized_end=1365
+  _globals['_TRIAL_OVERRIDESENTRY']._serialized_start=1269
+  _globals['_TRIAL_OVERRIDESENTRY']._serialized_end=1317
+  _globals['_TRIAL_METRICSENTRY']._serialized_start=513
+  _globals['_TRIAL_METRICSENTRY']._serialized_end=559
+  _globals['_STUDY']._serialized_start=1368
+  _globals['_STUDY']._serialized_end=1705
+  _globals['_STUDY_TIMINGENTRY']._serialized_start=1660
+  _globals['_STUDY_TIMINGENTRY']._serialized_end=1705
+  _globals['_GETSTUDYREQUEST']._serialized_start=1707
+  _globals['_GETSTUDYREQUEST']._serialized_end=1742
+  _globals['_WATCHSTUDYREQUEST']._serialized_start=1744
+  _globals['_WATCHSTUDYREQUEST']._serialized_end=1781
+  _globals['_STUDYEVENT']._serialized_start=1783
+  _globals['_STUDYEVENT']._serialized_end=1880
+  _globals['_CANCELSTUDYREQUEST']._serialized_start=1882
+  _globals['_CANCELSTUDYREQUEST']._serialized_end=1920
+  _globals['_LISTSTUDIESREQUEST']._serialized_start=1922
+  _globals['_LISTSTUDIESREQUEST']._serialized_end=1957
+  _globals['_LISTSTUDIESRESPONSE']._serialized_start=1959
+  _globals['_LISTSTUDIESRESPONSE']._serialized_end=2018
+  _globals['_TRAINSERVICE']._serialized_start=2178
+  _globals['_TRAINSERVICE']._serialized_end=2885
 # @@protoc_insertion_point(module_scope)

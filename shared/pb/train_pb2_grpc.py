@@ -60,6 +60,31 @@ class TrainServiceStub:
                 request_serializer=trainyard_dot_v1_dot_train__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=trainyard_dot_v1_dot_train__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.SubmitStudy = channel.unary_unary(
+                '/trainyard.v1.TrainService/SubmitStudy',
+                request_serializer=trainyard_dot_v1_dot_train__pb2.SubmitStudyRequest.SerializeToString,
+                response_deserializer=trainyard_dot_v1_dot_train__pb2.Study.FromString,
+                _registered_method=True)
+        self.GetStudy = channel.unary_unary(
+                '/trainyard.v1.TrainService/GetStudy',
+                request_serializer=trainyard_dot_v1_dot_train__pb2.GetStudyRequest.SerializeToString,
+                response_deserializer=trainyard_dot_v1_dot_train__pb2.Study.FromString,
+                _registered_method=True)
+        self.WatchStudy = channel.unary_stream(
+                '/trainyard.v1.TrainService/WatchStudy',
+                request_serializer=trainyard_dot_v1_dot_train__pb2.WatchStudyRequest.SerializeToString,
+                response_deserializer=trainyard_dot_v1_dot_train__pb2.StudyEvent.FromString,
+                _registered_method=True)
+        self.CancelStudy = channel.unary_unary(
+                '/trainyard.v1.TrainService/CancelStudy',
+                request_serializer=trainyard_dot_v1_dot_train__pb2.CancelStudyRequest.SerializeToString,
+                response_deserializer=trainyard_dot_v1_dot_train__pb2.Study.FromString,
+                _registered_method=True)
+        self.ListStudies = channel.unary_unary(
+                '/trainyard.v1.TrainService/ListStudies',
+                request_serializer=trainyard_dot_v1_dot_train__pb2.ListStudiesRequest.SerializeToString,
+                response_deserializer=trainyard_dot_v1_dot_train__pb2.ListStudiesResponse.FromString,
+                _registered_method=True)
 
 
 class TrainServiceServicer:
@@ -97,6 +122,39 @@ class TrainServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitStudy(self, request, context):
+        """Studies: one spec fans out into trials (runs), benchmarked as they finish, reported at the end.
+        Submitting the same spec again returns the same study and starts nothing new.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStudy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchStudy(self, request, context):
+        """Streams the study, then one event per trial change, then the study again when it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelStudy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStudies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +182,31 @@ def add_TrainServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=trainyard_dot_v1_dot_train__pb2.ListRunsRequest.FromString,
                     response_serializer=trainyard_dot_v1_dot_train__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'SubmitStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitStudy,
+                    request_deserializer=trainyard_dot_v1_dot_train__pb2.SubmitStudyRequest.FromString,
+                    response_serializer=trainyard_dot_v1_dot_train__pb2.Study.SerializeToString,
+            ),
+            'GetStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStudy,
+                    request_deserializer=trainyard_dot_v1_dot_train__pb2.GetStudyRequest.FromString,
+                    response_serializer=trainyard_dot_v1_dot_train__pb2.Study.SerializeToString,
+            ),
+            'WatchStudy': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStudy,
+                    request_deserializer=trainyard_dot_v1_dot_train__pb2.WatchStudyRequest.FromString,
+                    response_serializer=trainyard_dot_v1_dot_train__pb2.StudyEvent.SerializeToString,
+            ),
+            'CancelStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelStudy,
+                    request_deserializer=trainyard_dot_v1_dot_train__pb2.CancelStudyRequest.FromString,
+                    response_serializer=trainyard_dot_v1_dot_train__pb2.Study.SerializeToString,
+            ),
+            'ListStudies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStudies,
+                    request_deserializer=trainyard_dot_v1_dot_train__pb2.ListStudiesRequest.FromString,
+                    response_serializer=trainyard_dot_v1_dot_train__pb2.ListStudiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +345,141 @@ class TrainService:
             '/trainyard.v1.TrainService/ListRuns',
             trainyard_dot_v1_dot_train__pb2.ListRunsRequest.SerializeToString,
             trainyard_dot_v1_dot_train__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainyard.v1.TrainService/SubmitStudy',
+            trainyard_dot_v1_dot_train__pb2.SubmitStudyRequest.SerializeToString,
+            trainyard_dot_v1_dot_train__pb2.Study.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainyard.v1.TrainService/GetStudy',
+            trainyard_dot_v1_dot_train__pb2.GetStudyRequest.SerializeToString,
+            trainyard_dot_v1_dot_train__pb2.Study.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trainyard.v1.TrainService/WatchStudy',
+            trainyard_dot_v1_dot_train__pb2.WatchStudyRequest.SerializeToString,
+            trainyard_dot_v1_dot_train__pb2.StudyEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainyard.v1.TrainService/CancelStudy',
+            trainyard_dot_v1_dot_train__pb2.CancelStudyRequest.SerializeToString,
+            trainyard_dot_v1_dot_train__pb2.Study.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStudies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainyard.v1.TrainService/ListStudies',
+            trainyard_dot_v1_dot_train__pb2.ListStudiesRequest.SerializeToString,
+            trainyard_dot_v1_dot_train__pb2.ListStudiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

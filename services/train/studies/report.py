@@ -1,0 +1,476 @@
+"""A study's tables, plots and report, computed from MLflow alone.
+
+Everything comes from the study's parent run (its ``study.json`` artifact lists the trials) and the child
+runs of its trials: their params, tags, metrics and metric histories (a trial's figures are read at its
+selected epoch, ``best_epoch``; ``test_*`` come from its one final evaluation; ``bench_*`` from the benchmark
+run on its exported model). So the report can be rebuilt at any time, by anyone with the tracking URI, and
+rebuilding it gives the same bytes.
+
+Every cell is filled or says why it is not: ``failed: <reason>``, ``running``, ``queued``, ``pruned``.
+Every accuracy column names its split.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+DONE = "FINISHED"
+# Metrics read at the trial's selected epoch (the rest are read as their last value).
+SELECTED = ("train_acc", "val_acc", "train_loss", "val_loss", "overfit_gap", "val_f1", "val_ece")
+
+
+@dataclass
+class TrialData:
+    trial_id: str
+    run_id: str
+    axes: dict[str, Any]
+    overrides: dict[str, Any]
+    status: str = "queued"  # queued, running, FINISHED, FAILED, pruned, cancelled
+    reason: str = ""
+    mlflow_run_id: str = ""
+    run_name: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status == DONE
+
+    def value(self, key: str) -> float | None:
+        v = self.metrics.get(key)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+@dataclass
+class StudyData:
+    study: dict[str, Any]  # the parent run's study.json
+    trials: list[TrialData]
+
+    @property
+    def axes(self) -> list[str]:
+        return list(self.study["spec"]["grid"])
+
+
+def collect(client, parent_run_id: str) -> StudyData:
+    """Read the study and its trials back from MLflow."""
+    import tempfile
+    from pathlib import Path
+
+    parent = client.get_run(parent_run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        study = json.loads(Path(client.download_artifacts(parent_run_id, "study.json", tmp)).read_text())
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000)
+    by_trial = {r.data.tags.get("trainyard.trial"): r for r in children}
+    trials = []
+    for t in study["trials"]:
+        data = TrialData(t["trial_id"], t["run_id"], t["axes"], t["overrides"])
+        run = by_trial.get(t["trial_id"])
+        if run is not None:
+            _fill(client, data, run)
+        trials.append(data)
+    return StudyData(study, trials)
+
+
+def _fill(client, data: TrialData, run) -> None:
+    tags = run.data.tags
+    data.mlflow_run_id, data.run_name = run.info.run_id, run.info.run_name or ""
+    data.params, data.tags, data.metrics = dict(run.data.params), dict(tags), dict(run.data.metrics)
+    data.status = {"FINISHED": DONE, "FAILED": "FAILED", "KILLED": "cancelled"}.get(run.info.status, "running")
+    if tags.get("trainyard.pruned"):
+        data.status, data.reason = "pruned", tags["trainyard.pruned"]
+    data.reason = data.reason or tags.get("trainyard.failure") or tags.get("error", "")
+    for key in ("train_loss", "val_loss", "val_acc", "train_acc", "overfit_gap", "val_f1", "val_ece"):
+        if key in data.metrics:
+            data.history[key] = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+    best = data.metrics.get("best_epoch")
+    if best:
+        for key in SELECTED:
+            at = dict(data.history.get(key, []))
+            if int(best) in at:
+                data.metrics[key] = at[int(best)]
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _num(digits: int) -> Callable[[float | None], str]:
+    return lambda v: "-" if v is None else f"{v:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    get: Callable[[TrialData], float | str | None]
+    fmt: Callable[[Any], str] = _num(4)
+    numeric: bool = True
+    benchmark: bool = False  # a figure of the trial's model benchmark rather than of its training
+
+
+def _param(name: str, cast=float) -> Callable[[TrialData], Any]:
+    def get(t: TrialData):
+        value = t.params.get(name)
+        try:
+            return cast(value) if value is not None else None
+        except ValueError:
+            return value
+
+    return get
+
+
+def _metric(name: str) -> Callable[[TrialData], float | None]:
+    return lambda t: t.value(name)
+
+
+def _status(t: TrialData) -> str:
+    if t.status == DONE:
+        return "ok" + (" (selected on test)" if t.params.get("data.val_split") == "test" else "")
+    return {"FAILED": f"failed: {t.reason or 'no reason recorded'}", "pruned": f"pruned: {t.reason}"}.get(
+        t.status, t.status)
+
+
+def _throughput(t: TrialData) -> float | None:
+    sizes = sorted(int(k.rsplit("bs", 1)[1]) for k in t.metrics if k.startswith("bench_throughput_bs"))
+    return t.value(f"bench_throughput_bs{sizes[-1]}") if sizes else None
+
+
+COLUMNS: dict[str, Column] = {
+    "params": Column("Params", _metric("num_params"), lambda v: "-" if v is None else f"{int(v):,}"),
+    "params_m": Column("Params (M)", _metric("num_params"), lambda v: "-" if v is None else f"{v / 1e6:.2f}"),
+    "train_acc": Column("Train acc % (eval mode)", _metric("train_acc"), _pct),
+    "val_acc": Column("Val acc %", _metric("val_acc"), _pct),
+    "test_acc": Column("Test acc % (once, at end)", _metric("test_acc"), _pct),
+    "gap": Column("Overfit gap (train-val, pp)", _metric("overfit_gap"), lambda v: "-" if v is None else
+                  f"{100 * v:.2f}"),
+    "train_loss": Column("Train loss", _metric("train_loss")),
+    "val_loss": Column("Val loss", _metric("val_loss")),
+    "test_loss": Column("Test loss", _metric("test_loss")),
+    "val_ece": Column("Val ECE", _metric("val_ece")),
+    "epochs": Column("Epochs", _metric("epochs_done"), lambda v: "-" if v is None else f"{v:.0f}"),
+    "train_time": Column("Train time (s)", _metric("train_time_total"), _num(1)),
+    "lr": Column("LR", _param("optimizer.lr"), lambda v: "-" if v is None else f"{v:g}"),
+    "batch_size": Column("Batch", _param("batch_size", int), lambda v: "-" if v is None else f"{v}"),
+    "gflops": Column("FLOPs (G)", _metric("bench_gflops"), _num(3), benchmark=True),
+    "latency_ms": Column("Latency (ms)", _metric("bench_latency_p50_ms"), _num(2), benchmark=True),
+    "throughput": Column("Throughput (img/s)", _throughput, _num(0), benchmark=True),
+    "peak_memory_mb": Column("Peak memory (MB)", _metric("bench_peak_memory_mb"), _num(1), benchmark=True),
+    "size_int8_mb": Column("Size int8 (MB)", _metric("bench_size_int8_mb"), _num(2), benchmark=True),
+    "status": Column("Status", _status, str, numeric=False),
+}
+
+
+def _empty_reason(trials: list[TrialData]) -> str:
+    """What a cell says when no finished trial gave it a value."""
+    t = trials[0]
+    if t.status == "FAILED":
+        return f"failed: {t.reason or 'no reason recorded'}"
+    return {"pruned": "pruned", "cancelled": "cancelled"}.get(t.status, t.status)
+
+
+def _cell(column: Column, trials: list[TrialData]) -> str:
+    """One cell over the seeds of a group: the value, or mean ± std (n) when several finished."""
+    if not column.numeric:
+        return "; ".join(sorted({column.fmt(column.get(t)) for t in trials}))
+    done = [t for t in trials if t.done]
+    values = [v for v in (column.get(t) for t in done) if v is not None]
+    if not values:
+        if len(done) < len(trials):
+            return _empty_reason([t for t in trials if not t.done])
+        errors = sorted({t.tags["bench_error"] for t in done if t.tags.get("bench_error")})
+        if column.benchmark:
+            return f"benchmark failed: {errors[0]}" if errors else "not benchmarked"
+        return "not recorded"
+    if len(set(values)) == 1:  # one value, or the same figure every time (a parameter count)
+        text = column.fmt(values[0])
+    else:
+        mean, std = statistics.fmean(values), statistics.stdev(values)
+        text = f"{column.fmt(mean)} ± {column.fmt(std).lstrip('-')} (n={len(values)})"
+    missing = len(trials) - len(done)
+    return f"{text} [{missing} not finished]" if missing else text
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines.append("| " + " | ".join(self.headers) + " |")
+        lines.append("|" + "|".join("---" for _ in self.headers) + "|")
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
+        note = f"<p>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3>{note}<table><tr>{head}</tr>{body}</table>"
+
+    def csv(self) -> str:
+        import csv
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.headers)
+        writer.writerows(self.rows)
+        return buf.getvalue()
+
+
+def _group(trials: list[TrialData], keys: list[str]) -> dict[tuple, list[TrialData]]:
+    out: dict[tuple, list[TrialData]] = {}
+    for t in trials:
+        out.setdefault(tuple(json.dumps(t.axes.get(k)) for k in keys), []).append(t)
+    return out
+
+
+def _label(value_json: str) -> str:
+    value = json.loads(value_json)
+    return "-" if value is None else str(value)
+
+
+def _model_axis(data: StudyData) -> str | None:
+    return next((a for a in data.axes if a in ("model.name", "model.kwargs.head")), None)
+
+
+def _size_axis(data: StudyData) -> str | None:
+    return "data.subset" if "data.subset" in data.axes else None
+
+
+def build_tables(data: StudyData) -> list[Table]:
+    spec = data.study["spec"]
+    group_axes = [a for a in data.axes if a != "seed"]
+    columns = [COLUMNS[c] for c in spec["report"]["columns"]]
+    seeds = f" Mean ± std over seeds {spec['grid']['seed']}." if "seed" in spec["grid"] else ""
+    results = Table(
+        "Training results", [*group_axes, *(c.header for c in columns)],
+        [[*map(_label, key), *(_cell(c, ts) for c in columns)] for key, ts in sorted(_group(data.trials, group_axes)
+                                                                                    .items())],
+        note="Val: the split selection saw, at each trial's selected epoch. Test: evaluated once, at the end, on the "
+             f"selected checkpoint. Train: eval mode, no augmentation, on a fixed sample of the training data.{seeds}")
+    tables = [results]
+    model, size = _model_axis(data), _size_axis(data)
+    if model:
+        bench = [COLUMNS[c] for c in ("params_m", "gflops", "latency_ms", "throughput", "peak_memory_mb",
+                                      "size_int8_mb")]
+        by_model = _group(data.trials, [model])
+        tables.append(Table(
+            "Benchmark", ["Model", *(c.header for c in bench)],
+            [[_label(k[0]), *(_cell(c, ts) for c in bench)] for k, ts in sorted(by_model.items())],
+            note="Each trial's exported model, measured when the trial finished (shared.benchmark; latency: batch-1 "
+                 "median; throughput: the largest batch). Over trials of one model: mean ± std."))
+    if model and size:
+        sizes = sorted({t.axes[size] for t in data.trials})
+        val = COLUMNS["val_acc"]
+        rows = []
+        for (m,), ts in sorted(_group(data.trials, [model]).items()):
+            cells = [_cell(val, [t for t in ts if t.axes[size] == s]) for s in sizes]
+            rows.append([_label(m), *cells])
+        tables.append(Table("Sample efficiency (val acc % by training-set size)", ["Model", *map(str, sizes)], rows))
+        tables.append(_summary(data, model, size, sizes))
+    failed = [t for t in data.trials if t.status in ("FAILED", "pruned", "cancelled")]
+    if failed:
+        tables.append(Table("Trials that did not finish", ["Trial", *data.axes, "Status"],
+                            [[t.trial_id, *(str(t.axes.get(a)) for a in data.axes), _status(t)] for t in failed]))
+    return tables
+
+
+def _mean(ts: list[TrialData], key: str) -> float | None:
+    values = [t.value(key) for t in ts if t.done and t.value(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _summary(data: StudyData, model: str, size: str, sizes: list) -> Table:
+    """Per model: validation accuracy at the smallest size, params and latency per accuracy point, gap, ranks."""
+    rows = []
+    for (m,), ts in sorted(_group(data.trials, [model]).items()):
+        small = [t for t in ts if t.axes[size] == sizes[0]]
+        acc_small, acc = _mean(small, "val_acc"), _mean(ts, "val_acc")
+        params, latency = _mean(ts, "num_params"), _mean(ts, "bench_latency_p50_ms")
+        rows.append({"model": _label(m), "acc_small": acc_small,
+                     "params_per_acc": params / (100 * acc) if params and acc else None,
+                     "latency_per_acc": latency / (100 * acc) if latency and acc else None,
+                     "gap": _mean(ts, "overfit_gap")})
+
+    def rank(key: str, reverse: bool) -> dict[str, str]:
+        scored = sorted((r for r in rows if r[key] is not None), key=lambda r: r[key], reverse=reverse)
+        return {r["model"]: str(i + 1) for i, r in enumerate(scored)}
+
+    ranks = {k: rank(k, k == "acc_small") for k in ("acc_small", "params_per_acc", "latency_per_acc", "gap")}
+    body = [[r["model"], _pct(r["acc_small"]), ranks["acc_small"].get(r["model"], "-"),
+             "-" if r["params_per_acc"] is None else f"{r['params_per_acc']:,.0f}", ranks["params_per_acc"].get(
+                 r["model"], "-"),
+             _num(3)(r["latency_per_acc"]), ranks["latency_per_acc"].get(r["model"], "-"),
+             "-" if r["gap"] is None else f"{100 * r['gap']:.2f}", ranks["gap"].get(r["model"], "-")] for r in rows]
+    return Table(f"Comparison summary (val acc at {size}={sizes[0]}; per-accuracy figures over all sizes)",
+                 ["Model", "Val acc % (smallest)", "Rank", "Params per acc point", "Rank", "Latency ms per acc point",
+                  "Rank", "Overfit gap (pp)", "Rank"], body)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both (lower x, higher y)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any(x2 <= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
+
+
+def build_figures(data: StudyData) -> dict[str, Any]:
+    from matplotlib.figure import Figure
+
+    wanted = set(data.study["spec"]["report"]["plots"])
+    model, size = _model_axis(data), _size_axis(data)
+    done = [t for t in data.trials if t.done]
+    figures: dict[str, Any] = {}
+    groups = _group(done, [model]) if model else {("all",): done}
+    if "accuracy_vs_size" in wanted and size and done:
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
+        for key, ts in sorted(groups.items()):
+            xs = sorted({t.axes[size] for t in ts})
+            ys = [100 * _mean([t for t in ts if t.axes[size] == x], "val_acc") for x in xs]
+            ax.plot(xs, ys, marker="o", label=_label(key[0]) if model else "all")
+        ax.set_xscale("log")
+        ax.set_xlabel("training samples")
+        ax.set_ylabel("val acc %")
+        ax.set_title("Sample efficiency")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figures["accuracy_vs_size.png"] = fig
+    for name, key, xlabel in (("params_vs_accuracy", "num_params", "parameters"),
+                              ("latency_vs_accuracy", "bench_latency_p50_ms", "latency (ms, batch 1)")):
+        pts = [(t.value(key), 100 * t.value("val_acc"), t) for t in done
+               if t.value(key) is not None and t.value("val_acc") is not None]
+        if name not in wanted or not pts:
+            continue
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
+        for key_, ts in sorted(groups.items()):
+            mine = [(x, y) for x, y, t in pts if t in ts]
+            if mine:
+                ax.scatter(*zip(*mine, strict=True), label=_label(key_[0]) if model else "all", s=18)
+        if name == "latency_vs_accuracy":
+            front = sorted((pts[i][0], pts[i][1]) for i in _pareto([(x, y) for x, y, _ in pts]))
+            ax.plot(*zip(*front, strict=True), "k--", linewidth=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val acc %")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figures[f"{name}.png"] = fig
+    if "loss_curves" in wanted and done:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        for t in done:
+            for key, style in (("train_loss", "-"), ("val_loss", "--")):
+                hist = t.history.get(key, [])
+                if hist:
+                    ax.plot(*zip(*hist, strict=True), style, linewidth=1, label=f"{t.run_name} {key}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("cross-entropy (eval mode)")
+        ax.set_title("Loss curves (solid: train, dashed: val)")
+        if len(done) <= 6:
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        figures["loss_curves.png"] = fig
+    if "overfit_gap" in wanted and done:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        labels = [t.run_name or t.trial_id for t in done]
+        ax.bar(range(len(done)), [100 * (t.value("overfit_gap") or 0) for t in done])
+        ax.set_xticks(range(len(done)), labels, rotation=60, ha="right", fontsize=6)
+        ax.set_ylabel("train acc - val acc (pp)")
+        ax.set_title("Overfitting gap at the selected epoch")
+        fig.tight_layout()
+        figures["overfit_gap.png"] = fig
+    return figures
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class Report:
+    markdown: str
+    html: str
+    tables: list[Table]
+    pngs: dict[str, bytes]
+
+    def files(self) -> dict[str, bytes]:
+        out = {"report.md": self.markdown.encode(), "report.html": self.html.encode()}
+        out.update({f"plots/{name}": png for name, png in self.pngs.items()})
+        out.update({f"tables/{_slug(t.title)}.csv": t.csv().encode() for t in self.tables})
+        return out
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")[:60]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    # No software/date metadata: the same figure gives the same bytes.
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def build_report(data: StudyData) -> Report:
+    spec = data.study["spec"]
+    title = spec["report"].get("title") or f"Study {spec['name']}"
+    tables = build_tables(data)
+    pngs = {name: _png(fig) for name, fig in sorted(build_figures(data).items())}
+    counts: dict[str, int] = {}
+    for t in data.trials:
+        status = t.status.lower()
+        counts[status] = counts.get(status, 0) + 1
+    status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    objective = spec["objective"]
+    intro = (f"Study `{data.study['study_id']}`: {len(data.trials)} trials ({status}). Grid: "
+             + "; ".join(f"{a} = {v}" for a, v in spec["grid"].items())
+             + f". Objective: {objective['direction']} {objective['metric']} (validation). "
+             f"MLflow parent run {data.study.get('parent_run_id', '?')}.")
+    md = [f"# {title}", "", intro, ""]
+    md += [t.markdown() for t in tables]
+    md += [f"![{name}](plots/{name})\n" for name in pngs]
+    body = [f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>", *(t.html() for t in tables)]
+    body += [f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,'
+             f'{base64.b64encode(png).decode()}">' for name, png in pngs.items()]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
+             "td,th{border:1px solid #999;padding:3px 6px;font-size:13px}th{background:#eee}img{max-width:100%}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return Report("\n".join(md), page, tables, pngs)
+
+
+def report_from_mlflow(tracking_uri: str | None, parent_run_id: str) -> Report:
+    """The report, rebuilt from MLflow alone (a fresh client: nothing in this process is reused)."""
+    from mlflow import MlflowClient
+
+    from shared.settings import load_settings
+
+    return build_report(collect(MlflowClient(tracking_uri or load_settings().mlflow_uri), parent_run_id))
