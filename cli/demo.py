@@ -216,15 +216,15 @@ base_config:
   experiment: demo-cifar
   model: {{name: resnet10t}}
   data: {{kind: cifar10, path: {path}, augment: {{crop: 4, flip: true}}}}
-  epochs: 3
+  epochs: 2
   batch_size: 64
   optimizer: {{name: adamw, lr: 0.003, weight_decay: 0.05}}
   scheduler: {{name: cosine}}
 grid:
   model.name: [mobilenetv3_small_100, resnet10t, convnextv2_atto]
-  data.subset: [500, 2000]
+  data.subset: [400, 1600]
 parallelism: 2
-benchmark: {{input_shape: [3, 32, 32], batch_sizes: [1, 64], iterations: 20, throughput_seconds: 0.5}}
+benchmark: {{input_shape: [3, 32, 32], batch_sizes: [1, 64], iterations: 10, throughput_seconds: 0.3}}
 report:
   title: "Demo study: three timm backbones x two training-set sizes (rendered CIFAR-format data)"
   columns: [params_m, train_acc, val_acc, test_acc, gap, epochs, train_time, latency_ms, status]

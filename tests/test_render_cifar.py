@@ -33,32 +33,39 @@ def test_rendered_batches_read_as_cifar10_and_repeat(tmp_path):
 
 @pytest.mark.slow
 def test_small_cnn_beats_chance_on_1k_and_does_better_on_5k(tmp_path):
-    torch.manual_seed(0)
+    # One thread: on a shared 2-core machine two OpenMP threads mostly wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     train, test = read_cifar10(_render(tmp_path, 5000, 1000))
     x_test = test.images.float() / 255
 
     def fit(n: int) -> float:
         torch.manual_seed(0)
         model = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         x, y = train.images[:n].float() / 255, train.labels[:n]
         steps = 0
-        while steps < 1200:  # the same number of updates for both sizes
+        while steps < 400:  # the same number of updates for both sizes: more data, not more compute
             for idx in torch.randperm(n).split(64):
                 loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 steps += 1
+                if steps == 400:
+                    break
         model.eval()
         with torch.no_grad():
             return float((model(x_test).argmax(1) == test.labels).float().mean())
 
-    small, large = fit(1000), fit(5000)
-    assert small > 0.25, small  # chance is 0.10
-    assert large > small + 0.10, (small, large)
-    assert large < 0.98, large  # not trivially separable
+    try:
+        small, large = fit(1000), fit(5000)
+    finally:
+        torch.set_num_threads(threads)
+    assert small > 0.17, small  # chance is 0.10
+    assert large > small + 0.08, (small, large)
+    assert large < 0.9, large  # not trivially separable

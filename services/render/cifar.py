@@ -76,24 +76,25 @@ def render_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n = len(labels)
     f32 = np.float32
     # Background: a random two-colour gradient plus a low-frequency texture.
-    c0, c1 = rng.uniform(0, 1, (n, 3)).astype(f32), rng.uniform(0, 1, (n, 3)).astype(f32)
+    c0 = rng.uniform(0, 1, (n, 3)).astype(f32)
+    c1 = np.clip(c0 + rng.uniform(-0.35, 0.35, (n, 3)), 0, 1).astype(f32)
     angle = rng.uniform(0, 2 * np.pi, n).astype(f32)
     t = ((np.cos(angle)[:, None, None] * _XX + np.sin(angle)[:, None, None] * _YY) / SIZE)[..., None]
     img = c0[:, None, None] * (1 - t) + c1[:, None, None] * t
     fx, fy = rng.uniform(0.1, 0.6, n).astype(f32), rng.uniform(0.1, 0.6, n).astype(f32)
     phase = rng.uniform(0, 2 * np.pi, n).astype(f32)
     texture = np.sin(fx[:, None, None] * _XX + fy[:, None, None] * _YY + phase[:, None, None])
-    img += (rng.uniform(0, 0.25, n).astype(f32)[:, None, None] * texture)[..., None]
-    # Distractors: two random thin strokes of random colours.
-    for _ in range(2):
+    img += (rng.uniform(0, 0.15, n).astype(f32)[:, None, None] * texture)[..., None]
+    # A distractor: a random thin stroke of a random colour.
+    for _ in range(1):
         sx, sy = _rotated(rng.uniform(0, SIZE, n).astype(f32), rng.uniform(0, SIZE, n).astype(f32),
                           rng.uniform(0, np.pi, n).astype(f32))
         length = rng.uniform(3, 12, n).astype(f32)[:, None, None]
         stroke = np.clip(0.9 - np.abs(sy), 0, 1) * (np.abs(sx) < length)
-        alpha = (stroke * rng.uniform(0.2, 0.8, n).astype(f32)[:, None, None])[..., None]
+        alpha = (stroke * rng.uniform(0.2, 0.6, n).astype(f32)[:, None, None])[..., None]
         img = img * (1 - alpha) + rng.uniform(0, 1, (n, 1, 1, 3)).astype(f32) * alpha
     # The object: its class's shape at a random place, scale, rotation and colour, with a soft edge.
-    r = rng.uniform(5, 11, n).astype(f32)
+    r = rng.uniform(6.5, 12, n).astype(f32)
     cx = rng.uniform(r, SIZE - r).astype(f32)
     cy = rng.uniform(r, SIZE - r).astype(f32)
     x, y = _rotated(cx, cy, rng.uniform(0, 2 * np.pi, n).astype(f32))
@@ -105,11 +106,16 @@ def render_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             sdf = _shape_sdf(cls, x[sel], y[sel], r[sel][:, None, None], aspect[sel])
             mask[sel] = np.clip(sdf / rng.uniform(0.6, 1.6, (int(sel.sum()), 1, 1)) + 0.5, 0, 1)
     colour = rng.uniform(0, 1, (n, 1, 1, 3)).astype(f32)
+    # An object must stand out from the background under it: too close in brightness, its colour is inverted.
+    luma = np.array([0.299, 0.587, 0.114], f32)
+    under = (img * mask[..., None]).sum((1, 2)) / np.maximum(mask.sum((1, 2))[:, None], 1e-3)
+    faint = np.abs((colour[:, 0, 0] - under) @ luma) < 0.25
+    colour[faint] = 1 - colour[faint]
     img = img * (1 - mask[..., None]) + colour * mask[..., None]
     # Global contrast and brightness, then sensor noise.
-    contrast = rng.uniform(0.5, 1.2, (n, 1, 1, 1)).astype(f32)
+    contrast = rng.uniform(0.6, 1.2, (n, 1, 1, 1)).astype(f32)
     img = (img - 0.5) * contrast + 0.5 + rng.uniform(-0.15, 0.15, (n, 1, 1, 1)).astype(f32)
-    img += rng.normal(0, 0.06, img.shape).astype(f32)
+    img += rng.normal(0, 0.05, img.shape).astype(f32)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
