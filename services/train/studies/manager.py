@@ -221,7 +221,7 @@ class StudyController:
         self.save()
         self.manager.close_parent(rec)
         self._emit(None, state=state, message=rec.message)
-        log.info("study ended", extra={"study": rec.study_id, "state": state, "message": rec.message})
+        log.info("study ended", extra={"study": rec.study_id, "state": state, "reason": rec.message})
 
 
 class StudyManager:
