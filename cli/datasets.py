@@ -99,7 +99,39 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def write_trajectory_sample(location: str, index: int, out: str) -> str:
+    """One sample of a rendered trajectory dataset as ``out`` (.npz: video, label, class_name,
+    future_position, positions), the file ``trainyard predict`` sends to a served trajectory model."""
+    import numpy as np
+
+    from shared.data.trajectories import TrajectoryShards, locate, read_index
+    from shared.errors import InvalidArgument
+
+    store, prefix = locate(location)
+    meta = read_index(store, prefix)
+    if not 0 <= index < meta["num_samples"]:
+        raise InvalidArgument(f"sample {index} is outside the dataset's {meta['num_samples']} samples")
+    for item in TrajectoryShards(store, prefix):
+        if int(item["index"]) == index:
+            label = int(item["label"])
+            np.savez(out, video=item["video"].numpy(), label=label, class_name=meta["classes"][label],
+                     future_position=item["future_position"].numpy(), positions=item["positions"].numpy())
+            return f"{out}: sample {index} ({meta['classes'][label]}) of {location}"
+    raise InvalidArgument(f"sample {index} is not in {location}")
+
+
+def _cmd_sample(args) -> int:
+    print(write_trajectory_sample(args.path, args.index, args.out))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="write one sample of a trajectory dataset to a .npz file (for predict)")
+    p.add_argument("path", help="the rendered trajectory dataset (path, file://, s3://, store:)")
+    p.add_argument("--index", type=int, default=0, help="the sample's index in the dataset")
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    p.set_defaults(func=_cmd_sample)
+
     p = sub.add_parser("render", help="render a dataset: " + "; ".join(f"{k.name}: {k.help}" for k in KINDS.values()))
     p.add_argument("kind", choices=list(KINDS))
     p.add_argument("--out", required=True, help="dataset location: a path, file://… or s3://bucket/prefix")

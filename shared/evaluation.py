@@ -101,3 +101,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     opt.step(closure)
     t = float(log_t.detach().exp())
     return t if math.isfinite(t) and t > 0 else 1.0
+
+
+def regression_metrics(sq_err: torch.Tensor, abs_err: torch.Tensor, count: int, prefix: str, suffix: str = "",
+                       axes: tuple[str, ...] = ("x", "y", "z")) -> dict[str, float]:
+    """RMSE and MAE of a vector target (Euclidean: RMSE is the root of the mean squared distance, MAE the mean
+    absolute error per coordinate) and per axis, from per-axis sums of squared and absolute errors over
+    ``count`` samples: ``<prefix>_rmse<suffix>``, ``<prefix>_mae<suffix>``, ``<prefix>_rmse_<axis><suffix>``."""
+    n = max(int(count), 1)
+    sq, ab = sq_err.double().cpu() / n, abs_err.double().cpu() / n
+    out = {f"{prefix}_rmse{suffix}": float(sq.sum().sqrt()), f"{prefix}_mae{suffix}": float(ab.mean())}
+    for i, axis in enumerate(axes):
+        out[f"{prefix}_rmse_{axis}{suffix}"] = float(sq[i].sqrt())
+        out[f"{prefix}_mae_{axis}{suffix}"] = float(ab[i])
+    return out

@@ -3,7 +3,9 @@
 It speaks the plain Open Inference Protocol v2 (``inference.GRPCInferenceService``), so it works
 against any server that exposes the same inputs/outputs; see ``services/inference/server.py``:
 inputs ``images`` (UINT8 NHWC), ``tensor`` (FP32 NCHW, preprocessed) or ``encoded`` (BYTES, image files);
-outputs ``probabilities`` (FP32) and ``labels`` (BYTES, top-k with the ``top_k`` parameter).
+outputs ``probabilities`` (FP32) and ``labels`` (BYTES, top-k with the ``top_k`` parameter). Trajectory
+models take ``videos`` (UINT8 [N, cameras, frames, C, H, W]) and add ``future_position`` (FP32 [N, 3]):
+``infer_videos`` and ``predict_trajectory_files`` (sample files as ``trainyard datasets sample`` writes them).
 
 ``classify_files`` sends image files and folders in batches of encoded files, so images of different sizes
 share a request and the server does the decoding and resizing (``trainyard predict`` is built on it).
@@ -69,6 +71,33 @@ class InferResult:
     labels: list[list[str]]  # [N][k], best first
     model: str
     version: str
+
+
+@dataclass(frozen=True)
+class TrajectoryResult:
+    probabilities: np.ndarray  # [N, classes] float32
+    labels: list[str]  # [N] top-1 class
+    future_position: np.ndarray  # [N, 3] float32, world units
+    model: str
+    version: str
+
+
+def read_trajectory_samples(path: str | Path) -> np.ndarray:
+    """uint8 clips [N, cameras, frames, C, H, W] from a ``.npy`` array or the ``video`` of a ``.npz`` sample
+    file; one clip without the batch axis becomes a batch of one."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as loaded:
+            video = loaded["video"] if isinstance(loaded, np.lib.npyio.NpzFile) else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise errors.InvalidArgument(f"{path}: not a trajectory sample file (.npz with 'video', or .npy): "
+                                     f"{exc}") from None
+    if video is None:
+        video = np.load(path, allow_pickle=False)
+    if video.dtype != np.uint8 or video.ndim not in (5, 6):
+        raise errors.InvalidArgument(f"{path}: expected uint8 clips [N,] cameras, frames, C, H, W; got "
+                                     f"{video.dtype} {list(video.shape)}")
+    return video[None] if video.ndim == 5 else video
 
 
 class InferenceClient:
@@ -163,6 +192,28 @@ class InferenceClient:
         k = int(l_meta.shape[1]) if len(l_meta.shape) == 2 else 1
         return InferResult(probs, [names[i:i + k] for i in range(0, len(names), k)], resp.model_name,
                            resp.model_version)
+
+    def infer_videos(self, model: str, videos: np.ndarray, version: str | int | None = None) -> TrajectoryResult:
+        """One ModelInfer call to a trajectory model: uint8 clips [N, cameras, frames, C, H, W]."""
+        if videos.dtype != np.uint8 or videos.ndim != 6:
+            raise errors.InvalidArgument(f"videos must be uint8 [N, cameras, frames, C, H, W], got {videos.dtype} "
+                                         f"{list(videos.shape)}")
+        req = pb.ModelInferRequest(model_name=model, model_version=_v(version))
+        req.inputs.add(name="videos", datatype="UINT8", shape=list(videos.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(videos).tobytes())
+        for name in ("probabilities", "labels", "future_position"):
+            req.outputs.add(name=name)
+        resp = self._call("ModelInfer", req)
+        out = {o.name: (o, raw) for o, raw in zip(resp.outputs, resp.raw_output_contents, strict=True)}
+        if set(out) != {"probabilities", "labels", "future_position"}:
+            raise errors.FailedPrecondition(f"server answered outputs {sorted(out)}, expected probabilities, "
+                                            "labels, future_position")
+        (p_meta, p_raw), (l_meta, l_raw), (f_meta, f_raw) = (out[k] for k in ("probabilities", "labels",
+                                                                               "future_position"))
+        return TrajectoryResult(np.frombuffer(p_raw, dtype="<f4").reshape(list(p_meta.shape)),
+                                [b.decode() for b in deserialize_bytes_tensor(l_raw, int(np.prod(l_meta.shape)))],
+                                np.frombuffer(f_raw, dtype="<f4").reshape(list(f_meta.shape)),
+                                resp.model_name, resp.model_version)
 
     def classify(self, model: str, images: Iterable, version: str | int | None = None, top_k: int = 5,
                  batch_size: int = 32, sources: Sequence[str] | None = None) -> list[Prediction]:

@@ -48,8 +48,14 @@ class ModelCard(BaseModel):
     version: int = Field(ge=0)
     architecture: str
     model_kwargs: dict[str, Any]
+    # What the model does: "classification" (images -> class probabilities) or "trajectory" (multi-camera
+    # clips -> class probabilities and the future position); the serving signature follows from it.
+    task: Literal["classification", "trajectory"] = "classification"
     classes: list[str]
-    input_size: list[int] = Field(min_length=3, max_length=3)
+    # The forward input of one sample: [C, H, W] for images, [cameras, C, T, H, W] for trajectory models.
+    input_size: list[int] = Field(min_length=3, max_length=6)
+    # Trajectory models: one raw uint8 sample as served ([cameras, frames, C, H, W]); the model prepares it.
+    clip_size: list[int] | None = Field(None, min_length=4, max_length=5)
     normalization: Normalization
     metrics: dict[str, float] = Field(default_factory=dict)
     run_id: str

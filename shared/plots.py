@@ -71,3 +71,22 @@ def plot_reliability(bins: np.ndarray, title: str = ""):
     ax.legend(loc="upper left")
     fig.tight_layout()
     return fig
+
+
+def plot_regression_errors(rows: dict[str, dict[str, float]], title: str = ""):
+    """Grouped bars of RMSE overall and per axis, one group per predictor (the model and its baselines):
+    ``rows`` maps a predictor's name to ``{"all": rmse, "x": ..., "y": ..., "z": ...}``."""
+    from matplotlib.figure import Figure
+
+    keys = ["all", "x", "y", "z"]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    width = 0.8 / max(len(rows), 1)
+    for i, (name, values) in enumerate(rows.items()):
+        ax.bar(np.arange(len(keys)) + i * width, [values.get(k, np.nan) for k in keys], width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + width * (len(rows) - 1) / 2, ["RMSE (3D)", "x", "y", "z"])
+    ax.set_ylabel("error (world units)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -24,8 +24,9 @@ class BenchRequest(BaseModel):
     """What to benchmark. ``models`` are zoo/timm names, ``store:models/<name>/<version>`` or ``pkg.mod:fn``."""
 
     models: list[str] = Field(min_length=1)
-    # C, H, W; None means the store model card's input size, else 3x224x224.
-    input_shape: tuple[int, int, int] | None = None
+    # One sample's forward input (C, H, W for images); None means the store model card's input size, else
+    # 3x224x224.
+    input_shape: tuple[int, ...] | None = None
     num_classes: int | None = Field(default=None, gt=0)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
@@ -59,9 +60,9 @@ class BenchRequest(BaseModel):
 
     @field_validator("input_shape")
     @classmethod
-    def _shape(cls, shape: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-        if shape is not None and min(shape) <= 0:
-            raise ValueError(f"input shape dimensions must be positive, got {shape}")
+    def _shape(cls, shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if shape is not None and (not 3 <= len(shape) <= 6 or min(shape) <= 0):
+            raise ValueError(f"input shape must have 3 to 6 positive dimensions, got {shape}")
         return shape
 
     @field_validator("out")

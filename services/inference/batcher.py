@@ -164,7 +164,9 @@ class DynamicBatcher:
                 self._batch_hist.observe(x.shape[0])
                 offset = 0
                 for req in batch:
-                    req.result = out[offset:offset + req.n]
+                    # Named outputs (shared.predict): each one's rows of this request.
+                    req.result = {k: v[offset:offset + req.n] for k, v in out.items()} if isinstance(out, dict) \
+                        else out[offset:offset + req.n]
                     offset += req.n
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
                 log.exception("batch failed", extra={"requests": len(batch)})

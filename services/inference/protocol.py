@@ -1,6 +1,9 @@
 """The Open Inference Protocol (KServe v2) wire format <-> tensors, for the inference servicer.
 
-Inputs (exactly one per request) reach a model as one float NCHW batch at its input size:
+What a model takes and gives follows from its card's task (``shared.predict``).
+
+Image classifiers take exactly one input per request, which reaches the model as one float NCHW batch at its
+input size:
 - ``images``  UINT8 [N, H, W, C], any height/width, 1, 3 or 4 channels: turned into the model's input by
   the model's ``shared.preprocess.Preprocessor`` (channels matched, normalised, resized);
 - ``tensor``  FP32 [N, C, H, W] exactly the model's input size, already preprocessed: used untouched
@@ -9,8 +12,12 @@ Inputs (exactly one per request) reach a model as one float NCHW batch at its in
   then as ``images``.
 Tensors travel in ``raw_input_contents``; typed ``contents`` are accepted too.
 
+Trajectory models take ``videos`` UINT8 [N, cameras, frames, C, H, W], exactly the card's ``clip_size``
+(``[-1, 4, 32, 3, 64, 64]`` for the rendered dataset), prepared by the model's own ``prepare``.
+
 Outputs: ``probabilities`` FP32 [N, classes] and ``labels`` BYTES [N] (top-1 class name), or [N, k] when
-the requested ``labels`` output carries the parameter ``top_k``; always in ``raw_output_contents``.
+the requested ``labels`` output carries the parameter ``top_k``; trajectory models add ``future_position``
+FP32 [N, 3] (x, y, z in world units). Always in ``raw_output_contents``.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from shared.bytes_tensor import deserialize_bytes_tensor, serialize_bytes_tensor
 from shared.errors import InvalidArgument
 from shared.pb import inference_pb2 as pb
+from shared.predict import FUTURE_POSITION, PROBABILITIES, Signature, TrajectorySignature
 from shared.preprocess import Preprocessor
 
 # The request's raw bytes are immutable and nothing downstream writes into an input tensor, so the
@@ -34,10 +42,12 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 INPUT_IMAGES = "images"
 INPUT_TENSOR = "tensor"
 INPUT_ENCODED = "encoded"
+INPUT_VIDEOS = "videos"
 INPUT_DATATYPES = {INPUT_IMAGES: "UINT8", INPUT_TENSOR: "FP32", INPUT_ENCODED: "BYTES"}
-OUTPUT_PROBS = "probabilities"
+VIDEO_DATATYPES = {INPUT_VIDEOS: "UINT8"}
+OUTPUT_PROBS = PROBABILITIES
 OUTPUT_LABELS = "labels"
-OUTPUTS = (OUTPUT_PROBS, OUTPUT_LABELS)
+OUTPUT_POSITION = FUTURE_POSITION
 _NP_DTYPES = {"UINT8": np.uint8, "FP32": np.dtype("<f4")}
 
 
@@ -108,7 +118,7 @@ def _from_contents(inp, shape: list[int]) -> np.ndarray | list[bytes]:
         if len(blobs) != _blob_count(shape):
             raise InvalidArgument(f"input {inp.name!r}: {len(blobs)} bytes_contents for shape {shape}")
         return blobs
-    if inp.name == INPUT_IMAGES:
+    if inp.name in (INPUT_IMAGES, INPUT_VIDEOS):
         values = np.asarray(c.uint_contents, dtype=np.uint32)
         if values.size and values.max() > 255:
             raise InvalidArgument(f"input {inp.name!r}: UINT8 contents hold values above 255")
@@ -156,15 +166,16 @@ def _encoded_batch(blobs: list[bytes], pre: Preprocessor) -> torch.Tensor:
     return pre(torch.from_numpy(out).permute(0, 3, 1, 2))
 
 
-def decode_input(request: pb.ModelInferRequest, pre: Preprocessor) -> torch.Tensor:
-    """The request's one input as the float NCHW batch the model takes."""
+def decode_input(request: pb.ModelInferRequest, signature: Signature) -> torch.Tensor:
+    """The request's one input as the batch the model takes (see the module docstring)."""
+    datatypes = VIDEO_DATATYPES if isinstance(signature, TrajectorySignature) else INPUT_DATATYPES
     if len(request.inputs) != 1:
-        raise InvalidArgument(f"send exactly one input ({INPUT_IMAGES} UINT8 NHWC, {INPUT_TENSOR} FP32 NCHW "
-                              f"or {INPUT_ENCODED} BYTES), got {len(request.inputs)}")
+        raise InvalidArgument(f"send exactly one input ({', '.join(f'{k} {v}' for k, v in datatypes.items())}), "
+                              f"got {len(request.inputs)}")
     inp = request.inputs[0]
-    expected = INPUT_DATATYPES.get(inp.name)
+    expected = datatypes.get(inp.name)
     if expected is None:
-        raise InvalidArgument(f"unknown input {inp.name!r}: use {', '.join(INPUT_DATATYPES)}")
+        raise InvalidArgument(f"unknown input {inp.name!r}: this model takes {', '.join(datatypes)}")
     if inp.datatype != expected:
         raise InvalidArgument(f"input {inp.name!r} must be {expected}, got datatype {inp.datatype!r}")
     shape = list(inp.shape)
@@ -178,6 +189,9 @@ def decode_input(request: pb.ModelInferRequest, pre: Preprocessor) -> torch.Tens
             else tensor_from_raw(inp.name, expected, shape, raw)
     else:
         data = _from_contents(inp, shape)
+    if isinstance(signature, TrajectorySignature):
+        return signature.prepare(torch.from_numpy(data))
+    pre = signature.preprocessor
     if inp.name == INPUT_ENCODED:
         return _encoded_batch(data, pre)
     return _tensor_batch(data, pre) if inp.name == INPUT_TENSOR else _image_batch(data, pre)
@@ -185,14 +199,20 @@ def decode_input(request: pb.ModelInferRequest, pre: Preprocessor) -> torch.Tens
 
 # ---------------------------------------------------------------------------------------------- outputs
 
-def requested_outputs(request: pb.ModelInferRequest, num_classes: int) -> dict[str, int]:
+def output_names(signature: Signature) -> tuple[str, ...]:
+    return (*signature.outputs, OUTPUT_LABELS)
+
+
+def requested_outputs(request: pb.ModelInferRequest, signature: Signature) -> dict[str, int]:
     """Output name -> top_k (labels only; 0 = top-1 as [N]). All outputs when none are named."""
+    names = output_names(signature)
     if not request.outputs:
-        return {OUTPUT_PROBS: 0, OUTPUT_LABELS: 0}
+        return dict.fromkeys(names, 0)
+    num_classes = len(signature.card.classes)
     out: dict[str, int] = {}
     for o in request.outputs:
-        if o.name not in OUTPUTS:
-            raise InvalidArgument(f"unknown output {o.name!r}: this model has {', '.join(OUTPUTS)}")
+        if o.name not in names:
+            raise InvalidArgument(f"unknown output {o.name!r}: this model has {', '.join(names)}")
         top_k = 0
         if o.name == OUTPUT_LABELS and "top_k" in o.parameters:
             top_k = int_param(o.parameters["top_k"], "output 'labels' parameter top_k")
@@ -204,13 +224,15 @@ def requested_outputs(request: pb.ModelInferRequest, num_classes: int) -> dict[s
 
 
 def encode_response(request: pb.ModelInferRequest, name: str, version: int, classes: list[str],
-                    probs: torch.Tensor, outputs: dict[str, int]) -> pb.ModelInferResponse:
+                    results: dict[str, torch.Tensor], outputs: dict[str, int]) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request.id)
-    n, k = probs.shape
+    probs = results[OUTPUT_PROBS]
+    n = probs.shape[0]
     for output, top_k in outputs.items():
-        if output == OUTPUT_PROBS:
-            response.outputs.add(name=output, datatype="FP32", shape=[n, k])
-            response.raw_output_contents.append(probs.numpy().tobytes())
+        if output != OUTPUT_LABELS:
+            value = results[output]
+            response.outputs.add(name=output, datatype="FP32", shape=list(value.shape))
+            response.raw_output_contents.append(value.float().numpy().tobytes())
             continue
         if top_k:
             idx, shape = torch.topk(probs, top_k, dim=1).indices, [n, top_k]

@@ -17,7 +17,7 @@ from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
 from shared.modelcard import ModelCard, ModelRef, list_published, list_versions, load_published, parse_model_ref
 from shared.names import validate_name
-from shared.preprocess import Preprocessor
+from shared.predict import PROBABILITIES, Signature, signature_for
 from shared.quantize import quantize_int8
 
 log = get_logger(__name__)
@@ -52,7 +52,7 @@ class LoadedModel:
     version: int
     card: ModelCard
     module: torch.nn.Module
-    preprocessor: Preprocessor
+    signature: Signature
     batcher: DynamicBatcher | None = None
     state: str = LOADING
     quantized: bool = False
@@ -65,13 +65,11 @@ class LoadedModel:
     def input_size(self) -> list[int]:
         return self.card.input_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for a normalised float NCHW batch (runs on the batcher's thread)."""
-        with torch.inference_mode():
-            # The card's temperature (fitted on validation; 1.0 when none) calibrates the probabilities.
-            return torch.softmax(self.module(x).float() / self.card.temperature, dim=1)
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named outputs (shared.predict) for a prepared batch (runs on the batcher's thread)."""
+        return self.signature.forward(x)
 
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
+    def infer(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.batcher.submit(x)
 
 
@@ -227,7 +225,7 @@ class ModelRepository:
         module, card = load_published(self.store, name, version)
         if self.quantize:
             module, _ = quantize_int8(module)
-        loaded = LoadedModel(name, version, card, module, Preprocessor.from_card(card), quantized=self.quantize)
+        loaded = LoadedModel(name, version, card, module, signature_for(card, module), quantized=self.quantize)
         loaded.batcher = DynamicBatcher(loaded.forward, max_batch_size=self.max_batch_size,
                                         max_queue_delay_ms=self.max_queue_delay_ms, model=name,
                                         version=str(version))
@@ -235,9 +233,8 @@ class ModelRepository:
 
     def _warm_up(self, loaded: LoadedModel) -> None:
         # The first forward pass allocates and picks kernels; it should not land on a client's request.
-        c, h, w = loaded.input_size
         for n in sorted({1, min(self.max_batch_size, 8)}):
-            probs = loaded.forward(torch.zeros(n, c, h, w))
+            probs = loaded.forward(torch.zeros(n, *loaded.signature.input_shape))[PROBABILITIES]
             if probs.shape != (n, len(loaded.classes)):
                 raise InvalidArgument(f"model {loaded.name}:{loaded.version} outputs {list(probs.shape)} for a "
                                       f"batch of {n}, but its card lists {len(loaded.classes)} classes")

@@ -27,6 +27,7 @@ from shared.logs import get_logger
 from shared.modelcard import ModelRef, parse_model_ref
 from shared.pb import inference_pb2 as pb
 from shared.pb import inference_pb2_grpc
+from shared.predict import TrajectorySignature
 from shared.storage import open_store
 
 log = get_logger(__name__)
@@ -80,25 +81,27 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         model = self.repository.get(request.name, request.version)
         versions = [str(model.version)] if request.version else \
             [str(v) for v in self.repository.loaded_versions(model.name)]
-        c, h, w = model.input_size
         T = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=versions,
-            platform="pytorch",
-            inputs=[T(name=protocol.INPUT_IMAGES, datatype="UINT8", shape=[-1, -1, -1, -1]),
-                    T(name=protocol.INPUT_TENSOR, datatype="FP32", shape=[-1, c, h, w]),
-                    T(name=protocol.INPUT_ENCODED, datatype="BYTES", shape=[-1])],
-            outputs=[T(name=protocol.OUTPUT_PROBS, datatype="FP32", shape=[-1, len(model.classes)]),
-                     T(name=protocol.OUTPUT_LABELS, datatype="BYTES", shape=[-1])],
-        )
+        sig = model.signature
+        if isinstance(sig, TrajectorySignature):
+            inputs = [T(name=protocol.INPUT_VIDEOS, datatype="UINT8", shape=[-1, *sig.clip_shape])]
+        else:
+            inputs = [T(name=protocol.INPUT_IMAGES, datatype="UINT8", shape=[-1, -1, -1, -1]),
+                      T(name=protocol.INPUT_TENSOR, datatype="FP32", shape=[-1, *sig.input_shape]),
+                      T(name=protocol.INPUT_ENCODED, datatype="BYTES", shape=[-1])]
+        outputs = [T(name=protocol.OUTPUT_PROBS, datatype="FP32", shape=[-1, len(model.classes)]),
+                   T(name=protocol.OUTPUT_LABELS, datatype="BYTES", shape=[-1])]
+        if isinstance(sig, TrajectorySignature):
+            outputs.append(T(name=protocol.OUTPUT_POSITION, datatype="FP32", shape=[-1, 3]))
+        return pb.ModelMetadataResponse(name=model.name, versions=versions, platform="pytorch", inputs=inputs,
+                                        outputs=outputs)
 
     def ModelInfer(self, request, context):
         with self._counted() as label:
             model = self.repository.get(request.model_name, request.model_version)
             label.update(model=model.name, version=str(model.version))
-            x = protocol.decode_input(request, model.preprocessor)
-            outputs = protocol.requested_outputs(request, len(model.classes))
+            x = protocol.decode_input(request, model.signature)
+            outputs = protocol.requested_outputs(request, model.signature)
             return protocol.encode_response(request, model.name, model.version, model.classes, model.infer(x),
                                             outputs)
 

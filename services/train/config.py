@@ -38,7 +38,7 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    kind: Literal["mnist", "cifar10", "imagefolder", "synthetic"]
+    kind: Literal["mnist", "cifar10", "imagefolder", "synthetic", "trajectories"]
     # A local directory, or a store URL/key prefix (file://..., s3://bucket/prefix) fetched to a cache first.
     path: str | None = None
     # Stratified training subset of this many samples (e.g. 5000 of CIFAR-10's 50000); None = all. It is
@@ -52,6 +52,13 @@ class DataConfig(_Strict):
     # and select on the test split — an explicit choice, tagged on the run and shown in every table.
     val_split: Literal["auto", "holdout", "test"] = "auto"
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    # Only for kind=trajectories (a rendered dataset without its own splits): the share of shards held out
+    # for the test split; validation takes val_fraction. Shards are assigned by the dataset's own seed.
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    # Only for kind=trajectories: DataLoader worker processes streaming shards (0: in the training process).
+    workers: int = Field(1, ge=0, le=32)
+    # Only for kind=trajectories: samples each worker holds for shuffling (memory: ~1.6 MB each).
+    shuffle_buffer: int = Field(64, ge=1, le=4096)
     # Training accuracy and loss are measured like validation's (eval mode, no augmentation) on a fixed
     # stratified sample of this many training samples, so the overfitting gap compares like with like.
     train_eval_size: int = Field(5000, gt=0)
@@ -98,6 +105,9 @@ class SchedulerConfig(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
     # Linear warmup from lr/(warmup_epochs+1) up to lr over the first epochs (any scheduler).
     warmup_epochs: int = Field(0, ge=0)
+    # Linear warmup over the first optimiser steps, on top of the epoch's lr: attention models and large
+    # learning rates need it within the first epoch, which per-epoch warmup cannot give.
+    warmup_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     # plateau: multiply lr by factor after `patience` epochs without improvement of the monitored metric.
     patience: int = Field(3, ge=0)
@@ -113,6 +123,10 @@ class LossConfig(_Strict):
     focal_gamma: float = Field(2.0, ge=0)
     # "none", "balanced" (inverse class frequency of the training set) or one weight per class.
     class_weights: Literal["none", "balanced"] | list[float] = "none"
+    # Multi-task models (task=trajectory): total = classification x CE + regression x MSE of the standardised
+    # target (+ the model's own auxiliary losses, weighted by the model).
+    classification_weight: float = Field(1.0, ge=0)
+    regression_weight: float = Field(1.0, ge=0)
 
 
 class EmaConfig(_Strict):
@@ -136,8 +150,8 @@ class BenchmarkConfig(_Strict):
     the figures to the run as ``bench_*`` metrics, so one MLflow run holds training and deployment numbers."""
 
     enabled: bool = False
-    # C, H, W of one sample; None: the model card's input size.
-    input_shape: list[int] | None = Field(None, min_length=3, max_length=3)
+    # One sample's forward input (C, H, W for images); None: the model card's input size.
+    input_shape: list[int] | None = Field(None, min_length=3, max_length=6)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
     quantize: bool = True
     iterations: int = Field(50, ge=5, le=10_000)
@@ -176,7 +190,7 @@ class TrainConfig(_Strict):
     experiment: str = Field(min_length=1)
     run_name: str | None = None
     # What is learnt (services.train.engine.tasks.TASKS): the data, the loss and the metrics follow from it.
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "trajectory"] = "classification"
     model: ModelConfig
     data: DataConfig
     epochs: int = Field(gt=0)
@@ -211,6 +225,9 @@ class TrainConfig(_Strict):
         if isinstance(self.loss.class_weights, list) and self.data.kind == "synthetic" \
                 and len(self.loss.class_weights) != self.data.num_classes:
             raise ValueError("loss.class_weights needs one weight per class")
+        if (self.task == "trajectory") != (self.data.kind == "trajectories"):
+            raise ValueError(f"task={self.task} cannot train on data.kind={self.data.kind}: trajectory models "
+                             "train on kind=trajectories, and only they do")
         if self.unfreeze and not self.freeze_backbone:
             raise ValueError("unfreeze steps need freeze_backbone: true")
         for where, metric in (("checkpoint.keep_best_metric", self.checkpoint.keep_best_metric),

@@ -47,7 +47,8 @@ class MeasureSpec(BaseModel):
     """What the subprocess measures for one model (built by the runner from a BenchRequest)."""
 
     model: str
-    input_shape: tuple[int, int, int] | None = None
+    # One sample's forward input: (C, H, W) for images, (cameras, C, T, H, W) for the trajectory models.
+    input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
@@ -240,10 +241,10 @@ def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2
 # --------------------------------------------------------------------------------------------- model
 
 
-def import_builder(spec: MeasureSpec) -> Callable[[], tuple[nn.Module, tuple[int, int, int], Preprocessor]]:
+def import_builder(spec: MeasureSpec) -> Callable[[], tuple[nn.Module, tuple[int, ...], Preprocessor | None]]:
     """Import everything building ``spec``'s model needs and return the build step, which gives the model,
     its input shape and the preprocessing its accuracy is measured with (a published model's card's; plain
-    [0, 1] scaling for a zoo model).
+    [0, 1] scaling for a zoo model; None for inputs that are not images).
 
     Split from the build so the memory baseline is read after these imports: a first import of timm or
     the store client would otherwise be charged to the model.
@@ -262,12 +263,17 @@ def import_builder(spec: MeasureSpec) -> Callable[[], tuple[nn.Module, tuple[int
             store = open_store()
             model, card = load_published(store, ref.name, ref.resolve(store))
             shape = spec.input_shape or tuple(card.input_size)
-            return model, shape, Preprocessor(shape, card.normalization.mean, card.normalization.std)
+            images = len(shape) == 3
+            return model, shape, Preprocessor(shape, card.normalization.mean, card.normalization.std) \
+                if images else None
 
         return build_published
     shape = spec.input_shape or (3, 224, 224)
-    unit = Preprocessor(shape, [0.0] * shape[0], [1.0] * shape[0])
+    images = len(shape) == 3
+    unit = Preprocessor(shape, [0.0] * shape[0], [1.0] * shape[0]) if images else None
     kwargs = dict(spec.model_kwargs)
+    if images:  # image models take their channel count from the input; others define their own input
+        kwargs.setdefault("in_chans", shape[0])
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
     if ":" in name:
@@ -276,10 +282,10 @@ def import_builder(spec: MeasureSpec) -> Callable[[], tuple[nn.Module, tuple[int
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise NotFound(f"model factory {name!r} not importable: {exc}") from exc
-        return lambda: (factory(in_chans=shape[0], **kwargs), shape, unit)
+        return lambda: (factory(**kwargs), shape, unit)
     from shared.models import create_model
 
-    return lambda: (create_model(name, in_chans=shape[0], **kwargs), shape, unit)
+    return lambda: (create_model(name, **kwargs), shape, unit)
 
 
 def _err(exc: BaseException) -> str:
@@ -384,6 +390,8 @@ def measure_model(spec: MeasureSpec) -> ModelResult:
 
     if spec.dataset:
         try:
+            if preprocess is None:
+                raise InvalidArgument(f"accuracy on a dataset needs an image model, not input {list(shape)}")
             images, labels = load_eval_set(spec.dataset, spec.dataset_limit)
             x = preprocess(images)
             result.accuracy_fp32 = top1(cpu_model, x, labels)

@@ -2,20 +2,23 @@
 
 A dataset is a published store prefix whose manifest meta lists its shards. ``TrajectoryShards``
 is an ``IterableDataset``: each DataLoader worker (and each distributed rank) takes its own
-shards, decompresses them as a stream straight from the store, one sample (1.5 MB) at a time,
-and checks every shard's sha256 against the manifest as it goes. Shuffling is shard order per
-epoch plus a bounded in-memory shuffle buffer, so memory stays at ``shuffle_buffer`` samples.
+shards, fetches one compressed shard (~10 MB), checks its sha256 against the manifest before any of
+its samples is used, and decompresses it as a stream, one sample (1.5 MB) at a time. Shuffling is
+shard order per epoch plus a bounded in-memory shuffle buffer, so memory stays at one compressed shard
+and ``shuffle_buffer`` samples per worker, whatever the dataset's size (10,000 samples are ~15 GB as
+uint8 tensors).
 
 Each item is a dict: ``video`` uint8 (4, 32, 3, 64, 64), ``label`` int64, ``future_position``
-float32 (3,), ``index`` int64 (the sample's id in the dataset).
+float32 (3,), ``positions`` float32 (32, 3) (the ball at every rendered frame, for the baselines),
+``index`` int64 (the sample's id in the dataset).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import random
-from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +26,17 @@ import zstandard
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument
-from shared.storage import ArtifactStore, open_store
+from shared.storage import ArtifactStore, dataset_source, open_store, split_location
 
 KIND = "trajectories"
+
+
+def locate(location: str) -> tuple[ArtifactStore, str]:
+    """(store, prefix) of a published trajectory dataset at a path, ``file://``, ``s3://`` or ``store:``."""
+    root, store_url = dataset_source(location)
+    if store_url is None:
+        store_url, root = split_location(root)
+    return open_store(store_url), root
 
 
 def read_index(store: ArtifactStore, prefix: str) -> dict[str, Any]:
@@ -50,6 +61,8 @@ def read_index(store: ArtifactStore, prefix: str) -> dict[str, Any]:
         "generator_version": meta.get("generator_version"),
         "seed": meta.get("seed"),
         "classes": meta["config"]["classes"],
+        # Frames between the clip's last frame and the position to predict.
+        "future_offset": meta["config"].get("future_offset"),
         "sample_shape": meta["sample_shape"],
         "num_samples": meta["num_samples"],
         "class_distribution": meta["class_distribution"],
@@ -70,21 +83,21 @@ def split_shards(index: dict[str, Any], val_fraction: float = 0.1) -> tuple[list
     return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
 
 
-class _HashingReader:
-    """Wraps a binary stream and hashes every byte read through it."""
-
-    def __init__(self, raw: BinaryIO):
-        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+def three_way_split(index: dict[str, Any], val_fraction: float, test_fraction: float,
+                    seed: int) -> dict[str, list[int]]:
+    """{"train", "val", "test"} shard ids, shards shuffled by ``seed`` (the dataset's own, so every run
+    and every study trial on this dataset sees the same split); each split gets at least one shard."""
+    ids = [s["index"] for s in index["shards"]]
+    if len(ids) < 3:
+        raise InvalidArgument(f"{len(ids)} shards cannot make train, val and test splits; render more or smaller")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise InvalidArgument(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in (0, 1) "
+                              "and leave some training data")
+    random.Random(seed).shuffle(ids)
+    n_val = max(1, round(len(ids) * val_fraction))
+    n_test = max(1, round(len(ids) * test_fraction))
+    return {"test": sorted(ids[:n_test]), "val": sorted(ids[n_test:n_test + n_val]),
+            "train": sorted(ids[n_test + n_val:])}
 
 
 def _read_exact(reader, n: int) -> bytearray:
@@ -98,16 +111,26 @@ def _read_exact(reader, n: int) -> bytearray:
     return buf
 
 
+def read_labels(store: ArtifactStore, prefix: str, shard: dict[str, Any], verify: bool = True) -> np.ndarray:
+    """A shard's structured labels (class_label, future_position, positions, index), checked against the
+    manifest: small, so the trainer reads them alone for the training split's target statistics."""
+    key = f"{prefix}/{shard['labels']}"
+    data = store.get_bytes(key)
+    if verify and hashlib.sha256(data).hexdigest() != shard["labels_sha256"]:
+        raise IntegrityError(f"{store.url}/{key} does not match its manifest sha256")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def iter_shard(store: ArtifactStore, prefix: str, shard: dict[str, Any], verify: bool = True) -> Iterator[dict]:
-    """Yield the samples of one shard in order, streaming and (optionally) verifying it."""
-    labels_key = f"{prefix}/{shard['labels']}"
-    labels_bytes = store.get_bytes(labels_key)
-    if verify and hashlib.sha256(labels_bytes).hexdigest() != shard["labels_sha256"]:
-        raise IntegrityError(f"{store.url}/{labels_key} does not match its manifest sha256")
-    labels = np.load(io.BytesIO(labels_bytes), allow_pickle=False)
+    """Yield the samples of one shard in order; with ``verify`` the shard's bytes are checked against the
+    manifest before the first sample is yielded (a corrupt shard yields nothing)."""
+    labels = read_labels(store, prefix, shard, verify)
     videos_key = f"{prefix}/{shard['videos']}"
-    with store.open_read(videos_key) as raw:
-        source = _HashingReader(raw)
+    compressed = store.get_bytes(videos_key)  # ~10 MB: frames compress 30-60x
+    if verify and (len(compressed) != shard["videos_size"]
+                   or hashlib.sha256(compressed).hexdigest() != shard["videos_sha256"]):
+        raise IntegrityError(f"{store.url}/{videos_key} does not match its manifest sha256")
+    with io.BytesIO(compressed) as source:
         reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
         version = np.lib.format.read_magic(reader)
         read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -126,12 +149,9 @@ def iter_shard(store: ArtifactStore, prefix: str, shard: dict[str, Any], verify:
                 "video": torch.from_numpy(video),
                 "label": torch.tensor(int(row["class_label"])),
                 "future_position": torch.from_numpy(row["future_position"].astype(np.float32)),
+                "positions": torch.from_numpy(row["positions"].astype(np.float32)),
                 "index": torch.tensor(int(row["index"])),
             }
-        if verify:
-            source.drain()
-            if source.sha.hexdigest() != shard["videos_sha256"] or source.size != shard["videos_size"]:
-                raise IntegrityError(f"{store.url}/{videos_key} does not match its manifest sha256")
 
 
 class TrajectoryShards(IterableDataset):
@@ -149,6 +169,7 @@ class TrajectoryShards(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         verify: bool = True,
+        transform: Callable[[dict], dict] | None = None,
     ):
         super().__init__()
         # Workers reopen the store from its URL: S3 clients do not survive being pickled or forked.
@@ -165,6 +186,9 @@ class TrajectoryShards(IterableDataset):
             raise InvalidArgument(f"rank {rank} is outside world_size {world_size}")
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(1, shuffle_buffer), seed
         self.rank, self.world_size, self.verify = rank, world_size, verify
+        # Applied to each sample where it is read (in the DataLoader worker), before the shuffle buffer: the
+        # trainer subsamples the clip there, so the buffer and the hand-off to the trainer hold 1/8 of it.
+        self.transform = transform
         self.epoch = 0
         self.classes = self.index["classes"]
 
@@ -189,6 +213,8 @@ class TrajectoryShards(IterableDataset):
         store = open_store(self.store_url)
         samples = (item for shard in self._my_shards()
                    for item in iter_shard(store, self.prefix, shard, self.verify))
+        if self.transform is not None:
+            samples = map(self.transform, samples)
         if not self.shuffle:
             yield from samples
             return

@@ -28,16 +28,24 @@ def _requirements() -> list[str]:
 def save_pyfunc_model(path: str | Path, card: ModelCard, weights: bytes) -> Path:
     """Write an MLflow model directory at ``path`` that ``mlflow.pyfunc.load_model`` predicts with.
 
-    The signature takes uint8 images [N, H, W, C] of any size with the card's channel count; the input
-    example is one blank image at the card's input size (MLflow checks it predicts before saving).
+    Classifiers take uint8 images [N, H, W, C] of any size with the card's channel count; the input example is
+    one blank image at the card's input size (MLflow checks it predicts before saving). Trajectory models take
+    uint8 clips [N, *clip_size] and add the predicted future position (no example: one clip is 1.5 MB).
     """
     import mlflow
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    channels, height, width = card.input_size
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, channels))]),
-                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]))
+    outputs = [ColSpec("string", "label"), ColSpec("double", "confidence")]
+    if card.task == "trajectory":
+        inputs = TensorSpec(np.dtype("uint8"), (-1, *card.clip_size))
+        outputs += [ColSpec("double", f"future_{axis}") for axis in "xyz"]
+        example = None
+    else:
+        channels, height, width = card.input_size
+        inputs = TensorSpec(np.dtype("uint8"), (-1, -1, -1, channels))
+        example = np.zeros((1, height, width, channels), np.uint8)
+    signature = ModelSignature(inputs=Schema([inputs]), outputs=Schema(outputs))
     with tempfile.TemporaryDirectory() as tmp:
         weights_path, card_path = Path(tmp) / WEIGHTS_FILE, Path(tmp) / CARD_FILE
         weights_path.write_bytes(weights)
@@ -45,6 +53,5 @@ def save_pyfunc_model(path: str | Path, card: ModelCard, weights: bytes) -> Path
         mlflow.pyfunc.save_model(
             str(path), python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"weights": str(weights_path), "model_card": str(card_path)}, code_paths=[str(_SHARED)],
-            signature=signature, input_example=np.zeros((1, height, width, channels), np.uint8),
-            pip_requirements=_requirements())
+            signature=signature, input_example=example, pip_requirements=_requirements())
     return Path(path)

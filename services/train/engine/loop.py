@@ -189,6 +189,7 @@ class Engine:
         model.to(runtime.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        task.attach(model)
         optimizer = build_optimizer(cfg, model)  # before freezing: see build_optimizer
         self._apply_freeze(model, epoch=1)
         # The weights' moving average (timm), when asked for: validation, selection and the export use it.
@@ -307,6 +308,7 @@ class Engine:
         show = self.dist.is_main and os.environ.get("TRAINYARD_PROGRESS", "1") != "0" and sys.stderr.isatty()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", file=sys.stderr, disable=not show, leave=False)
         accumulate = self.cfg.accumulate_steps
+        warmup_steps, lr = self.cfg.scheduler.warmup_steps, optimizer.param_groups[0]["lr"]
         last = len(batches) - 1
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(batches):
@@ -319,6 +321,9 @@ class Engine:
                 scaled = loss / accumulate if accumulate > 1 else loss
                 (self._scaler.scale(scaled) if self._scaler is not None else scaled).backward()
             if stepping:
+                if self._step < warmup_steps:
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr * (self._step + 1) / warmup_steps
                 self._optimizer_step(model, optimizer)
             for key, value in stats.items():  # on-device accumulation: no host sync per step
                 sums[key] = sums[key] + value if key in sums else value

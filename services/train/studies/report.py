@@ -27,7 +27,7 @@ log = get_logger(__name__)
 
 DONE = "FINISHED"
 # Metrics read at the trial's selected epoch (the rest are read as their last value).
-SELECTED = ("train_acc", "val_acc", "train_loss", "val_loss", "overfit_gap", "val_f1", "val_ece")
+SELECTED = ("train_acc", "val_acc", "train_loss", "val_loss", "overfit_gap", "val_f1", "val_ece", "val_rmse")
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _fill(client, data: TrialData, run) -> None:
     if tags.get("trainyard.pruned"):
         data.status, data.reason = "pruned", tags["trainyard.pruned"]
     data.reason = data.reason or tags.get("trainyard.failure") or tags.get("error", "")
-    for key in ("train_loss", "val_loss", "val_acc", "train_acc", "overfit_gap", "val_f1", "val_ece"):
+    for key in SELECTED:
         if key in data.metrics:
             data.history[key] = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
     best = data.metrics.get("best_epoch")
@@ -169,9 +169,18 @@ COLUMNS: dict[str, Column] = {
     "batch_size": Column("Batch", _param("batch_size", int), lambda v: "-" if v is None else f"{v}"),
     "gflops": Column("FLOPs (G)", _metric("bench_gflops"), _num(3), benchmark=True),
     "latency_ms": Column("Latency (ms)", _metric("bench_latency_p50_ms"), _num(2), benchmark=True),
-    "throughput": Column("Throughput (img/s)", _throughput, _num(0), benchmark=True),
+    "throughput": Column("Inference throughput (samples/s)", _throughput, _num(0), benchmark=True),
     "peak_memory_mb": Column("Peak memory (MB)", _metric("bench_peak_memory_mb"), _num(1), benchmark=True),
     "size_int8_mb": Column("Size int8 (MB)", _metric("bench_size_int8_mb"), _num(2), benchmark=True),
+    "gmacs": Column("GMACs / sample", _metric("bench_gmacs"), _num(4), benchmark=True),
+    "train_samples_per_s": Column("Train samples/s", _metric("samples_per_second"), _num(0)),
+    # Future-position regression (trajectory models), beside the baselines on the same test samples.
+    "val_rmse": Column("Val RMSE", _metric("val_rmse"), _num(3)),
+    "test_rmse": Column("Test RMSE (once, at end)", _metric("test_rmse"), _num(3)),
+    "test_mae": Column("Test MAE", _metric("test_mae"), _num(3)),
+    "rmse_last_position": Column("Test RMSE last-position baseline", _metric("test_rmse_last_position"), _num(3)),
+    "rmse_const_velocity": Column("Test RMSE const-velocity baseline", _metric("test_rmse_const_velocity"),
+                                  _num(3)),
     "status": Column("Status", _status, str, numeric=False),
 }
 
@@ -392,7 +401,7 @@ def build_figures(data: StudyData) -> dict[str, Any]:
                 if hist:
                     ax.plot(*zip(*hist, strict=True), style, linewidth=1, label=f"{t.run_name} {key}")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("cross-entropy (eval mode)")
+        ax.set_ylabel("loss (eval mode)")
         ax.set_title("Loss curves (solid: train, dashed: val)")
         if len(done) <= 6:
             ax.legend(fontsize=6)
