@@ -2,24 +2,31 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
-def bare_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-              batch_size: int, epochs: int) -> float:
+def bare_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+              y: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int, epochs: int,
+              loss_fn: Callable[[Any, tuple[torch.Tensor, ...]], torch.Tensor] | None = None) -> float:
     """Samples/s (best epoch) of shuffled mini-batches over pre-normalised in-memory tensors: no loader, no
-    metrics, no checkpoints, no logging."""
+    metrics, no checkpoints, no logging. ``y`` is one target tensor (cross-entropy) or several, which
+    ``loss_fn(output, targets)`` combines (multi-task models)."""
+    targets = y if isinstance(y, tuple) else (y,)
+    loss_fn = loss_fn or (lambda out, t: torch.nn.functional.cross_entropy(out, t[0]))
     best = 0.0
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(y))
+        n = len(targets[0])
+        perm = torch.randperm(n)
         t0 = time.perf_counter()
-        for i in range(0, len(y), batch_size):
+        for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss = loss_fn(model(x[idx]), tuple(t[idx] for t in targets))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        best = max(best, len(y) / (time.perf_counter() - t0))
+        best = max(best, n / (time.perf_counter() - t0))
     return best

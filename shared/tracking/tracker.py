@@ -424,7 +424,18 @@ class Tracker:
                          source=data_source.to_json(), profile=json.dumps(dict(profile)) if profile else None)
         run_id = self._active_run_id()
         inputs = [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
-        self._call(lambda: self.client.log_inputs(run_id, datasets=inputs), f"log dataset {name} to run {run_id}")
+        what = f"log dataset {name} to run {run_id}"
+        for attempt in range(3):
+            try:
+                self._call(lambda: self.client.log_inputs(run_id, datasets=inputs), what)
+                return
+            except InvalidArgument as exc:
+                # Two runs starting together (study trials on one dataset) both find the dataset missing and
+                # both insert it; the server refuses the second insert. Once the first is in, a retry links the
+                # existing dataset to this run.
+                if "unique constraint" not in str(exc).lower() or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
 
 def _entry_point() -> str:
