@@ -24,6 +24,7 @@ from shared.errors import InvalidArgument
 from shared.grpc_client import wait_serving
 from shared.inference_client import InferenceClient
 from shared.modelcard import ModelRef, load_published, read_card
+from shared.models import create_model
 from shared.storage import open_store
 
 CLIP = (4, 32, 3, 64, 64)
@@ -196,3 +197,35 @@ def test_mlflow_pyfunc_trajectory_model(trained, dataset, tmp_path):
     probs, position = _in_process(store, videos)
     assert list(frame["label"]) == [card.classes[i] for i in probs.argmax(1)]
     np.testing.assert_allclose(frame[["future_x", "future_y", "future_z"]].to_numpy(), position, atol=1e-5)
+
+
+def _epoch_order(batches, epoch: int) -> list[int]:
+    batches.set_epoch(epoch)
+    return [int(i) for batch in batches for i in batch["index"]]
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1024])
+def test_every_training_clip_once_per_epoch_and_resume_sees_the_same_order(dataset, tmp_path, cache_mb):
+    """Streamed (cache off) or from memory after epoch 1 (cache on): each epoch is a fresh shuffle of exactly
+    the training clips, and a resumed run (a fresh reader starting at epoch 3) gets epoch 3's order."""
+    cfg = _config(dataset, data={"cache_mb": cache_mb})
+    task = _task(cfg, tmp_path)
+    task.attach(create_model(cfg.model.name, **task.model_kwargs()))
+    batches = task.train_batches()
+    assert batches.cacheable == bool(cache_mb)
+    orders = [_epoch_order(batches, epoch) for epoch in (1, 2, 3)]
+    train = sorted(int(i) for s in task.splits["train"]
+                   for i in read_labels(open_store(dataset.parent), "clips", task.index["shards"][s])["index"])
+    assert all(sorted(order) == train for order in orders)
+    assert orders[0] != orders[1] != orders[2]
+    resumed = task.train_batches()
+    assert _epoch_order(resumed, 3) == orders[2]
+    # The clips a batch carries are the ones its indices name, whichever way it was read.
+    batches.set_epoch(4)
+    batch = next(iter(batches))
+    by_index = {int(item["index"]): item for item in TrajectoryShards(open_store(dataset.parent), "clips")
+                if int(item["index"]) in {int(i) for i in batch["index"]}}
+    for row, index in enumerate(batch["index"].tolist()):
+        expected = by_index[index]["video"][:, 1::2, :, ::2, ::2].transpose(1, 2)  # (cameras, C, T, H, W)
+        assert torch.equal(batch["clip"][row], expected)
+        assert int(batch["label"][row]) == int(by_index[index]["label"])

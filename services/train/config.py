@@ -55,10 +55,14 @@ class DataConfig(_Strict):
     # Only for kind=trajectories (a rendered dataset without its own splits): the share of shards held out
     # for the test split; validation takes val_fraction. Shards are assigned by the dataset's own seed.
     test_fraction: float = Field(0.1, gt=0, lt=1)
-    # Only for kind=trajectories: DataLoader worker processes streaming shards (0: in the training process).
-    workers: int = Field(1, ge=0, le=32)
-    # Only for kind=trajectories: samples each worker holds for shuffling (memory: ~1.6 MB each).
+    # Only for kind=trajectories: DataLoader worker processes streaming shards; 0 streams them in a background
+    # thread of the training process (best on a few CPU cores: no inter-process hand-off).
+    workers: int = Field(0, ge=0, le=32)
+    # Only for kind=trajectories: samples each reader holds for shuffling (memory: ~0.2 MB each as subsampled).
     shuffle_buffer: int = Field(64, ge=1, le=4096)
+    # Only for kind=trajectories: keep the training split in memory after the first epoch when it fits in this
+    # many MB (as the model reads it, ~0.2 MB a clip); 0 streams every epoch.
+    cache_mb: int = Field(1024, ge=0, le=1_048_576)
     # Training accuracy and loss are measured like validation's (eval mode, no augmentation) on a fixed
     # stratified sample of this many training samples, so the overfitting gap compares like with like.
     train_eval_size: int = Field(5000, gt=0)

@@ -100,8 +100,8 @@ def three_way_split(index: dict[str, Any], val_fraction: float, test_fraction: f
             "train": sorted(ids[n_test + n_val:])}
 
 
-def _read_exact(reader, n: int) -> bytearray:
-    buf = bytearray(n)
+def _read_exact(reader, n: int) -> np.ndarray:
+    buf = np.empty(n, np.uint8)  # every byte is written below: no zero-filling 1.5 MB per sample
     view, got = memoryview(buf), 0
     while got < n:
         k = reader.readinto(view[got:])
@@ -144,7 +144,7 @@ def iter_shard(store: ArtifactStore, prefix: str, shard: dict[str, Any], verify:
                 chunk = _read_exact(reader, sample_bytes)
             except zstandard.ZstdError as exc:
                 raise IntegrityError(f"{store.url}/{videos_key} is corrupt: {exc}") from exc
-            video = np.frombuffer(chunk, np.uint8).reshape(shape[1:])
+            video = chunk.reshape(shape[1:])
             yield {
                 "video": torch.from_numpy(video),
                 "label": torch.tensor(int(row["class_label"])),

@@ -1,9 +1,11 @@
 """Multi-camera trajectory videos: 4-way classification and future-position regression, streamed from shards.
 
 The data never sits in memory: every split is streamed from the published shards (``TrajectoryShards``:
-each shard verified against the manifest before its samples are used) through a DataLoader whose workers
-also subsample the clips to what the model reads (``shared.models.video.subsample_clips``), so memory is
-bounded by the workers' shuffle buffers whatever the dataset's size.
+each shard verified against the manifest before its samples are used) through a DataLoader that also
+subsamples the clips to what the model reads (``shared.models.video.subsample_clips``), so memory is
+bounded by the shuffle buffers whatever the dataset's size. ``data.workers`` >= 1 reads in that many
+worker processes (many-core GPU nodes); 0 reads in a background thread of the training process, which on
+a small CPU machine is faster: no per-batch shared-memory hand-off (``shared.parallel.prefetch``).
 
 Splits are whole shards assigned by the *dataset's* seed (``three_way_split``): every run and every study
 trial on one dataset trains, validates and tests on the same clips. The regression target is standardised
@@ -19,6 +21,7 @@ import functools
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,7 @@ from shared.evaluation import (
     regression_metrics,
 )
 from shared.models.video import TRAJ_PIXEL_MEAN, TRAJ_PIXEL_STD, normalize_clips, subsample_clips
+from shared.parallel import prefetch
 from shared.plots import plot_confusion, plot_regression_errors, plot_reliability
 
 # The predictors the regression is compared with, by metric suffix.
@@ -47,20 +51,58 @@ def _prepare_sample(item: dict, frame_stride: int, pixel_stride: int) -> dict:
 
 
 class _Batches:
-    """The training split as a DataLoader, reshuffled per epoch (shard order and the workers' buffers)."""
+    """The training split, reshuffled per epoch, assembled ahead of the trainer in a background thread.
 
-    def __init__(self, dataset: TrajectoryShards, loader_kwargs: dict[str, Any], batch_size: int):
+    Epoch 1 streams the shards (shuffled shard order and buffer). When the split, as the model reads it, fits
+    ``cache_bytes``, the batches it streamed are kept (sorted by sample index) and later epochs draw shuffled
+    mini-batches from memory: streaming costs a fifth of a core at CPU training speed (decompression), which
+    on a 2-core machine is taken from the trainer. A cached epoch's order depends only on the seed and the
+    epoch, and a run resumed past epoch 1 refills the cache first, so resuming changes nothing.
+    ``prepare`` (normalising the clips on a CPU run: a third of a small model's step) runs in the thread too.
+    """
+
+    def __init__(self, dataset: TrajectoryShards, loader_kwargs: dict[str, Any], batch_size: int,
+                 sample_bytes: int, cache_bytes: int, seed: int, prepare: Callable[[dict], dict]):
         self.dataset, self.loader_kwargs, self.batch_size = dataset, loader_kwargs, batch_size
+        self.cacheable = len(dataset) * sample_bytes <= cache_bytes
+        self.seed, self.epoch, self.prepare = seed, 1, prepare
+        self.cache: dict[str, torch.Tensor] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         # Workers are started per epoch (not persistent), so each gets the dataset with this epoch.
+        self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
 
-    def __iter__(self):
+    def _loader(self):
         return iter(DataLoader(self.dataset, batch_size=self.batch_size, **self.loader_kwargs))
+
+    def _keep(self, batches: list[dict]) -> None:
+        joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if k != "x"}
+        order = joined["index"].argsort()
+        self.cache = {k: v[order] for k, v in joined.items()}
+
+    def _cached(self):
+        n = len(self.cache["index"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield {k: v[idx] for k, v in self.cache.items()}
+
+    def __iter__(self):
+        if self.cacheable and self.cache is None and self.epoch > 1:
+            self._keep(list(prefetch(self._loader())))  # resumed past epoch 1
+        keep = self.cacheable and self.cache is None
+        streamed = []
+        source = self._cached() if self.cache is not None else self._loader()
+        for batch in prefetch(map(self.prepare, source), depth=2):
+            if keep:
+                streamed.append(batch)
+            yield batch
+        if keep:
+            self._keep(streamed)  # only after a complete pass
 
 
 class TrajectoryTask(Task):
@@ -136,20 +178,31 @@ class TrajectoryTask(Task):
                                 transform=transform)
 
     def _loader_kwargs(self, dataset: TrajectoryShards) -> dict[str, Any]:
-        # No more workers than this rank has shards: an idle worker would only cost a process.
+        # No more workers than this rank has shards: an idle worker would only cost a process. With none, the
+        # reading happens in the prefetch thread (no per-batch shared-memory hand-off: best on a few cores).
         workers = min(self.cfg.data.workers, max(1, len(dataset.shards) // dataset.world_size))
-        kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": self.runtime.device.type == "cuda"}
-        if workers:
-            kwargs.update(prefetch_factor=2, persistent_workers=False)
-        return kwargs
+        if workers == 0:
+            return {"num_workers": 0}
+        return {"num_workers": workers, "pin_memory": self.runtime.device.type == "cuda", "prefetch_factor": 2,
+                "persistent_workers": False}
 
     def train_batches(self) -> TrainBatches:
         dataset = self._dataset("train", shuffle=True)
-        return _Batches(dataset, self._loader_kwargs(dataset), self.cfg.batch_size)
+        sample_bytes = math.prod(self.model.input_shape) + 4 * (1 + 3 + 3 * self.index["sample_shape"][1])
+        return _Batches(dataset, self._loader_kwargs(dataset), self.cfg.batch_size, sample_bytes,
+                        self.cfg.data.cache_mb * 2**20, self.cfg.seed, self._prepare)
+
+    def _prepare(self, batch: dict) -> dict:
+        """On a CPU run, the normalised clips ``x``, made ahead of the step (see _Batches); on a GPU the
+        device normalises them in ``_inputs``, faster than any CPU thread."""
+        if self.runtime.device.type == "cpu":
+            batch["x"] = normalize_clips(batch["clip"], TRAJ_PIXEL_MEAN, TRAJ_PIXEL_STD)
+        return batch
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.runtime.device
-        x = normalize_clips(batch["clip"].to(dev, non_blocking=True), TRAJ_PIXEL_MEAN, TRAJ_PIXEL_STD)
+        x = batch["x"] if "x" in batch else \
+            normalize_clips(batch["clip"].to(dev, non_blocking=True), TRAJ_PIXEL_MEAN, TRAJ_PIXEL_STD)
         return x, batch["label"].to(dev, non_blocking=True), batch["future_position"].to(dev, non_blocking=True)
 
     def _standardised(self, position: torch.Tensor) -> torch.Tensor:
@@ -198,9 +251,9 @@ class TrajectoryTask(Task):
         scores = ClassScores(self.classes, dev, temperature=temperature, keep_logits=keep_logits)
         model.eval()
         seen = 0
-        loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
-                            **self._loader_kwargs(dataset))
-        for batch in loader:
+        kwargs = self._loader_kwargs(dataset)
+        loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size or self.cfg.batch_size, **kwargs)
+        for batch in prefetch(map(self._prepare, loader), depth=2):
             if limit is not None and seen >= limit:
                 break
             x, y, target = self._inputs(batch)
