@@ -1,0 +1,308 @@
+"""``cad_captioner``: a CNN image encoder and a GRU decoder that writes a CAD part's construction text.
+
+Input images: float tensors (B, 3, S, S), S = ``image_size`` (64 by default), values ``(rgb/255 - 0.5) / 0.5``
+in [-1, 1]; ``preprocess_images`` makes them from uint8 views of any size (area-averaged down to S).
+Why 64 px: the views are flat-shaded parts with black outlines, framed so the part fills the image; at
+64 px outlines, holes and bosses stay visible, and the encoder costs a quarter of what it would at 128 px
+in a training step that the ~125 GRU steps per sample already dominate.
+
+Decoder: token embedding (E) -> GRU (H) -> [h_t ; attention context over the 4x4 feature map] -> tanh
+projection (E) -> vocabulary logits. The image conditions the decoder four ways:
+- a linear map of the whole flattened feature map (where things are, not only what) is the GRU's initial
+  hidden state; it is left unsquashed: a tanh here saturated in training and cut the image off;
+- as in LLaVA, the ``<image>`` placeholder's input embedding is replaced by a projection of that code;
+- the pooled features are added to every input embedding: the same as concatenating them to each input
+  (the GRU's input map is linear), without paying for a wider input at every step;
+- each output reads a dot-product attention over the 16 cells of the feature map (Luong-style, after the
+  GRU, so all steps attend in one batched matmul).
+``loss`` computes logits only at labelled positions: the vocabulary projection is the largest per-token
+cost after the recurrence, and the instruction and padding need none.
+
+Default config (vocab 1024, image 64, channels 16-32-64-128 with a second conv at 8x8, E 64, H 128,
+attention 64): 656,976 parameters; the flattened-map -> hidden layer holds 262,272 of them, cheap because
+it runs once per sample, not per token.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.errors import InvalidArgument
+from shared.models.registry import register_model
+from shared.text.conversation import IGNORE_INDEX
+
+
+def preprocess_images(images: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """uint8 (B, 3, H, W) or (3, H, W) RGB -> float (B, 3, size, size) in [-1, 1], area-averaged."""
+    if images.dtype != torch.uint8:
+        raise InvalidArgument(f"preprocess_images expects uint8 RGB, got {images.dtype}")
+    x = images[None] if images.dim() == 3 else images
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise InvalidArgument(f"expected (B, 3, H, W) images, got {tuple(images.shape)}")
+    x = x.float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        # Area averaging keeps thin outlines as grey lines instead of aliasing them away.
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return x.sub_(0.5).div_(0.5)
+
+
+@contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, BatchNorm running statistics) for the duration, then the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class ImageEncoder(nn.Module):
+    """Four stride-2 conv stages: (B, 3, S, S) -> (B, C, S/16, S/16), 4x4 cells at S = 64.
+
+    ``double``: stages that get a second, stride-1 conv (the 8x8 one by default: cheap per sample there).
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128), double: tuple[int, ...] = (2,)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for i, cout in enumerate(channels):
+            layers += _conv_bn(cin, cout, 2)
+            if i in double:
+                layers += _conv_bn(cout, cout, 1)
+            cin = cout
+        self.net = nn.Sequential(*layers)
+        self.out_channels = cin
+        self.stride = 2 ** len(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CadCaptioner(nn.Module):
+    def __init__(self, vocab_size: int = 1024, image_size: int = 64, channels: tuple[int, ...] = (16, 32, 64, 128),
+                 double: tuple[int, ...] = (2,), embed_dim: int = 64, hidden_dim: int = 128, attn_dim: int = 64,
+                 dropout: float = 0.1, image_token_id: int = 4):
+        super().__init__()
+        # image_token_id: the tokenizer's <image> id (4 in every shared.text tokenizer).
+        self.vocab_size, self.image_size, self.image_token_id = vocab_size, image_size, image_token_id
+        self.encoder = ImageEncoder(tuple(channels), tuple(double))
+        if image_size % self.encoder.stride:
+            raise InvalidArgument(f"image_size must be a multiple of {self.encoder.stride}, got {image_size}")
+        c, cells = self.encoder.out_channels, (image_size // self.encoder.stride) ** 2
+        # The initial state sees the whole flattened map, so it knows where things are, not only what;
+        # a per-sample linear layer, so its parameters cost almost nothing per token.
+        self.init_hidden = nn.Linear(c * cells, hidden_dim)
+        self.image_bias = nn.Linear(c, embed_dim)
+        # LLaVA-style: the <image> placeholder's input embedding is replaced by a projection of the image.
+        self.image_token = nn.Linear(hidden_dim, embed_dim)
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.gru = nn.GRU(embed_dim, hidden_dim, batch_first=True)
+        self.attn_query = nn.Linear(hidden_dim, attn_dim, bias=False)
+        self.attn_key = nn.Linear(c, attn_dim, bias=False)
+        self.attn_value = nn.Linear(c, attn_dim, bias=False)
+        self.pre_out = nn.Linear(hidden_dim + attn_dim, embed_dim)
+        self.out = nn.Linear(embed_dim, vocab_size)
+        self.drop = nn.Dropout(dropout)
+
+    # ---- pieces shared by training and generation ----
+
+    def encode_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample image state: initial hidden (1, B, H), <image> embedding and input bias (B, 1, E), attention
+        keys and values (B, cells, A)."""
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
+            raise InvalidArgument(f"expected images (B, 3, {self.image_size}, {self.image_size}), "
+                                  f"got {tuple(images.shape)}")
+        fmap = self.encoder(images)
+        cells = fmap.flatten(2).transpose(1, 2)  # (B, cells, C)
+        code = self.init_hidden(self.drop(fmap.flatten(1)))
+        return {
+            "h0": code[None],
+            "token": self.image_token(code)[:, None],
+            "bias": self.image_bias(cells.mean(1))[:, None],
+            "keys": self.attn_key(cells),
+            "values": self.attn_value(cells),
+        }
+
+    def _run(self, state: dict[str, torch.Tensor], input_ids: torch.Tensor, h0: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GRU over ``input_ids`` (B, T) from ``h0``: outputs (B, T, H) and the last hidden state."""
+        x = self.embed(input_ids)
+        x = torch.where((input_ids == self.image_token_id)[..., None], state["token"], x)
+        return self.gru(self.drop(x + state["bias"]), h0)
+
+    def _features(self, state: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        """GRU outputs (B, T, H) -> pre-logit features (B, T, E), attending over the image cells."""
+        q = self.attn_query(h)
+        weights = torch.softmax(q @ state["keys"].transpose(1, 2) * q.shape[-1] ** -0.5, dim=-1)
+        context = weights @ state["values"]
+        return self.drop(torch.tanh(self.pre_out(torch.cat([h, context], dim=-1))))
+
+    # ---- training ----
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V): position t predicts token t + 1."""
+        state = self.encode_images(images)
+        h, _ = self._run(state, input_ids, state["h0"])
+        return self.out(self._features(state, h))
+
+    def loss(self, images: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over labelled tokens (labels aligned with input_ids, IGNORE_INDEX skipped).
+
+        In eval mode the same value as cross_entropy(forward(...)[:, :-1], labels[:, 1:]), but logits are
+        computed only where a label exists.
+        """
+        state = self.encode_images(images)
+        h, _ = self._run(state, input_ids, state["h0"])
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        return F.cross_entropy(self.out(self._features(state, h[:, :-1])[keep]), target[keep])
+
+    # ---- generation ----
+
+    def _prefix(self, images: torch.Tensor, prompts: list[list[int]] | None, bos_id: int
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Run the prompts; returns the image state, the hidden state after each prompt and its last token's
+        GRU output, ready to predict the first answer token."""
+        state = self.encode_images(images)
+        b = images.shape[0]
+        prompts = prompts if prompts is not None else [[bos_id]] * b
+        if len(prompts) != b or not all(prompts):
+            raise InvalidArgument(f"need one non-empty prompt per image ({b}), got {len(prompts)}")
+        lengths = torch.tensor([len(p) for p in prompts], device=images.device)
+        ids = torch.zeros(b, int(lengths.max()), dtype=torch.long, device=images.device)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        out, _ = self._run(state, ids, state["h0"])
+        # A single-layer GRU's output at the prompt's last real token is its hidden state there.
+        last = out[torch.arange(b, device=out.device), lengths - 1]
+        return state, last[None].contiguous(), last[:, None]
+
+    def _logprobs(self, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.out(self._features(state, out))[:, -1], dim=-1)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, max_new_tokens: int = 256, bos_id: int = 1, eos_id: int = 2,
+                 num_beams: int = 1, prompts: list[list[int]] | None = None, pad_id: int = 0,
+                 length_penalty: float = 1.0) -> torch.Tensor:
+        """Token ids (B, L <= max_new_tokens) written after each prompt, EOS included when reached, pad_id after it.
+
+        ``prompts``: the prefix of each sample, ``conversation.prompt_ids`` (BOS, instruction, SEP), as in
+        training; None starts from BOS alone. ``num_beams`` 1 is greedy decoding, more is beam search
+        (``beam_search``).
+        """
+        if max_new_tokens < 1 or num_beams < 1:
+            raise InvalidArgument("max_new_tokens and num_beams must be at least 1")
+        if num_beams > 1:
+            return self.beam_search(images, max_new_tokens, bos_id, eos_id, num_beams, prompts, pad_id, length_penalty)
+        with _eval(self):
+            return self._greedy(*self._prefix(images, prompts, bos_id), max_new_tokens, eos_id, pad_id)
+
+    @torch.no_grad()
+    def beam_search(self, images: torch.Tensor, max_new_tokens: int = 256, bos_id: int = 1, eos_id: int = 2,
+                    num_beams: int = 4, prompts: list[list[int]] | None = None, pad_id: int = 0,
+                    length_penalty: float = 1.0) -> torch.Tensor:
+        """Batched beam search, same output layout as ``generate``; with num_beams=1 it equals greedy decoding.
+
+        B x num_beams live beams advance together; a beam that emits EOS moves to its sample's finished list,
+        a sample is done once it holds num_beams finished hypotheses, and the best by
+        log-probability / length ** length_penalty is returned.
+        """
+        if max_new_tokens < 1 or num_beams < 1:
+            raise InvalidArgument("max_new_tokens and num_beams must be at least 1")
+        with _eval(self):
+            state, h, out = self._prefix(images, prompts, bos_id)
+            return self._beam_search(state, h, out, max_new_tokens, eos_id, pad_id, num_beams, length_penalty)
+
+    def _greedy(self, state: dict[str, torch.Tensor], h: torch.Tensor, out: torch.Tensor, max_new_tokens: int,
+                eos_id: int, pad_id: int) -> torch.Tensor:
+        b = h.shape[1]
+        done = torch.zeros(b, dtype=torch.bool, device=h.device)
+        steps: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            token = self._logprobs(state, out).argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            steps.append(token)
+            done |= token == eos_id
+            if bool(done.all()):
+                break
+            out, h = self._run(state, token[:, None], h)
+        return torch.stack(steps, dim=1)
+
+    def _beam_search(self, state: dict[str, torch.Tensor], h: torch.Tensor, out: torch.Tensor, max_new_tokens: int,
+                     eos_id: int, pad_id: int, k: int, length_penalty: float) -> torch.Tensor:
+        b, device = h.shape[1], h.device
+        state = {key: v.repeat_interleave(k, dim=0) for key, v in state.items()}
+        h, out = h.repeat_interleave(k, dim=1), out.repeat_interleave(k, dim=0)
+        scores = torch.full((b, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # all beams start identical: only one may expand at first
+        seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        for step in range(max_new_tokens):
+            logp = self._logprobs(state, out)
+            v = logp.shape[-1]
+            cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)
+            # 2k candidates so that k live ones remain even when up to k of them end in EOS.
+            top_scores, top_idx = cand.topk(2 * k, dim=-1)
+            # Python lists: the per-candidate bookkeeping below is far cheaper on them than on tensor elements.
+            top_list, src, tok = top_scores.tolist(), (top_idx // v).tolist(), (top_idx % v).tolist()
+            new_scores = torch.full((b, k), float("-inf"), device=device)
+            new_src = torch.zeros(b, k, dtype=torch.long, device=device)
+            new_tok = torch.full((b, k), pad_id, dtype=torch.long, device=device)
+            for i in range(b):
+                if len(finished[i]) >= k:
+                    continue
+                live = 0
+                for j in range(2 * k):
+                    if top_list[i][j] == float("-inf"):
+                        break
+                    if tok[i][j] == eos_id:
+                        if j < k:  # an EOS ranked below k live candidates would not have been kept
+                            hyp = seqs[i * k + src[i][j]].tolist() + [eos_id]
+                            finished[i].append((top_list[i][j] / len(hyp) ** length_penalty, hyp))
+                        continue
+                    new_scores[i, live], new_src[i, live], new_tok[i, live] = top_list[i][j], src[i][j], tok[i][j]
+                    live += 1
+                    if live == k:
+                        break
+                if len(finished[i]) >= k:
+                    new_scores[i] = float("-inf")
+            scores = new_scores
+            rows = (torch.arange(b, device=device)[:, None] * k + new_src).view(-1)
+            seqs = torch.cat([seqs[rows], new_tok.view(-1, 1)], dim=1)
+            if all(len(f) >= k for f in finished) or step == max_new_tokens - 1:
+                break
+            out, h = self._run(state, new_tok.view(-1, 1), h[:, rows].contiguous())
+        results: list[list[int]] = []
+        for i in range(b):
+            hyps = list(finished[i])
+            if len(hyps) < k:  # unfinished beams compete at max_new_tokens
+                for j in range(k):
+                    s = scores[i, j].item()
+                    if s != float("-inf"):
+                        hyp = seqs[i * k + j].tolist()
+                        hyps.append((s / len(hyp) ** length_penalty, hyp))
+            results.append(max(hyps, key=lambda t: t[0])[1])
+        width = max(len(r) for r in results)
+        ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+        for i, r in enumerate(results):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids
+
+
+@register_model
+def cad_captioner(vocab_size: int = 1024, image_size: int = 64, channels: tuple[int, ...] = (16, 32, 64, 128),
+                  double: tuple[int, ...] = (2,), embed_dim: int = 64, hidden_dim: int = 128, attn_dim: int = 64,
+                  dropout: float = 0.1, image_token_id: int = 4) -> nn.Module:
+    """CNN encoder + image-conditioned GRU decoder for CAD view -> text, 656,976 params at the defaults."""
+    return CadCaptioner(vocab_size, image_size, channels, double, embed_dim, hidden_dim, attn_dim, dropout,
+                        image_token_id)
