@@ -101,7 +101,7 @@ def stage_datasets(state: dict, data: Path) -> dict[str, str]:
     return out
 
 
-def stage_training(state: dict, digits: str, epochs: int = 3, subset: int = 2000) -> list:
+def stage_training(state: dict, digits: str, epochs: int = 3, subset: int = 1200) -> list:
     from tqdm import tqdm
 
     from shared.grpc_client import channel
@@ -114,7 +114,7 @@ def stage_training(state: dict, digits: str, epochs: int = 3, subset: int = 2000
         config = (REPO / "configs" / f"{name}.yaml").read_text()
         run = stub.SubmitRun(train_pb2.SubmitRunRequest(
             config_yaml=config, overrides=[f"data.path={digits}", f"epochs={epochs}", f"data.subset={subset}",
-                                           "experiment=demo-mnist"]))
+                                           f"data.train_eval_size={subset}", "experiment=demo-mnist"]))
         print(f"  submitted {run.run_id} ({name})")
         runs.append(run.run_id)
     finished = []
@@ -222,7 +222,7 @@ base_config:
   scheduler: {{name: cosine}}
 grid:
   model.name: [mobilenetv3_small_100, resnet10t, convnextv2_atto]
-  data.subset: [400, 1600]
+  data.subset: [300, 1200]
 parallelism: 2
 benchmark: {{input_shape: [3, 32, 32], batch_sizes: [1, 64], iterations: 10, throughput_seconds: 0.3}}
 report:

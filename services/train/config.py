@@ -58,6 +58,8 @@ class DataConfig(_Strict):
     # Only for kind=trajectories: DataLoader worker processes streaming shards; 0 streams them in a background
     # thread of the training process (best on a few CPU cores: no inter-process hand-off).
     workers: int = Field(0, ge=0, le=32)
+    # Only for kind=trajectories with workers=0: background threads reading shards, each its own.
+    reader_threads: int = Field(2, ge=1, le=16)
     # Only for kind=trajectories: samples each reader holds for shuffling (memory: ~0.2 MB each as subsampled).
     shuffle_buffer: int = Field(64, ge=1, le=4096)
     # Only for kind=trajectories: keep the training split in memory after the first epoch when it fits in this

@@ -14,6 +14,7 @@ float32 (3,), ``positions`` float32 (32, 3) (the ball at every rendered frame, f
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import random
@@ -195,6 +196,15 @@ class TrajectoryShards(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently each epoch (identically across ranks, so they split the same order)."""
         self.epoch = epoch
+
+    def split(self, parts: int) -> list[TrajectoryShards]:
+        """This reader as ``parts`` readers of disjoint shards (as many ranks), e.g. one per reading thread."""
+        out = []
+        for i in range(parts):
+            part = copy.copy(self)
+            part.rank, part.world_size = self.rank * parts + i, self.world_size * parts
+            out.append(part)
+        return out
 
     def _my_shards(self) -> list[dict]:
         order = list(self.shards)

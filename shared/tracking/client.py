@@ -168,9 +168,29 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return (load_settings().home / "mlartifacts" / safe).as_uri()
 
 
+_READY_STORES: set[str] = set()
+
+
 def prepare_local_store(tracking_uri: str) -> None:
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    """An embedded sqlite store exists with its schema before this process uses it.
+
+    MLflow creates and migrates the schema on first use; runs started together on a fresh database (the
+    demo's three, a study's trials) would migrate it at once and collide ("table _alembic_tmp_experiments
+    already exists"). One process at a time does it, under a file lock beside the database.
+    """
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
+        return
+    import fcntl
+
+    db = Path(tracking_uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri).search_experiments(max_results=1)  # creates or migrates the schema
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY_STORES.add(tracking_uri)
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:

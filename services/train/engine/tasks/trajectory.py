@@ -21,7 +21,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,31 @@ def _prepare_sample(item: dict, frame_stride: int, pixel_stride: int) -> dict:
     return item
 
 
+def _round_robin(iterators: list) -> Iterator:
+    """One item from each iterator in turn (a fixed order, so the stream is reproducible), until all end."""
+    live = list(iterators)
+    while live:
+        for it in list(live):
+            try:
+                yield next(it)
+            except StopIteration:
+                live.remove(it)
+
+
+def _read(dataset: TrajectoryShards, loader_kwargs: dict[str, Any], batch_size: int, threads: int,
+          prepare: Callable[[dict], dict]) -> Iterator[dict]:
+    """Prepared batches of ``dataset``: from DataLoader worker processes, or (no workers) from ``threads``
+    background threads, each reading its own shards (zstd, sha256 and tensor copies release the GIL)."""
+    if loader_kwargs["num_workers"]:
+        return prefetch(map(prepare, DataLoader(dataset, batch_size=batch_size, **loader_kwargs)), depth=2)
+    return _round_robin([prefetch(map(prepare, DataLoader(part, batch_size=batch_size, num_workers=0)), depth=2)
+                         for part in dataset.split(threads)])
+
+
+def _batches_of(dataset: TrajectoryShards, parts: int, batch_size: int) -> int:
+    return sum(math.ceil(len(p) / batch_size) for p in dataset.split(parts))
+
+
 class _Batches:
     """The training split, reshuffled per epoch, assembled ahead of the trainer in a background thread.
 
@@ -61,9 +86,10 @@ class _Batches:
     ``prepare`` (normalising the clips on a CPU run: a third of a small model's step) runs in the thread too.
     """
 
-    def __init__(self, dataset: TrajectoryShards, loader_kwargs: dict[str, Any], batch_size: int,
+    def __init__(self, dataset: TrajectoryShards, loader_kwargs: dict[str, Any], batch_size: int, threads: int,
                  sample_bytes: int, cache_bytes: int, seed: int, prepare: Callable[[dict], dict]):
         self.dataset, self.loader_kwargs, self.batch_size = dataset, loader_kwargs, batch_size
+        self.threads = 1 if loader_kwargs["num_workers"] else threads
         self.cacheable = len(dataset) * sample_bytes <= cache_bytes
         self.seed, self.epoch, self.prepare = seed, 1, prepare
         self.cache: dict[str, torch.Tensor] | None = None
@@ -74,10 +100,9 @@ class _Batches:
         self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
-
-    def _loader(self):
-        return iter(DataLoader(self.dataset, batch_size=self.batch_size, **self.loader_kwargs))
+        if self.cacheable and self.epoch > 1:
+            return math.ceil(len(self.dataset) / self.batch_size)
+        return _batches_of(self.dataset, self.threads, self.batch_size)  # each reader ends on a partial batch
 
     def _keep(self, batches: list[dict]) -> None:
         joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if k != "x"}
@@ -92,12 +117,16 @@ class _Batches:
             yield {k: v[idx] for k, v in self.cache.items()}
 
     def __iter__(self):
+        def stream(prepare):
+            return _read(self.dataset, self.loader_kwargs, self.batch_size, self.threads, prepare)
+
         if self.cacheable and self.cache is None and self.epoch > 1:
-            self._keep(list(prefetch(self._loader())))  # resumed past epoch 1
+            self._keep(list(stream(lambda batch: batch)))  # resumed past epoch 1
         keep = self.cacheable and self.cache is None
         streamed = []
-        source = self._cached() if self.cache is not None else self._loader()
-        for batch in prefetch(map(self.prepare, source), depth=2):
+        batches = prefetch(map(self.prepare, self._cached()), depth=2) if self.cache is not None \
+            else stream(self.prepare)
+        for batch in batches:
             if keep:
                 streamed.append(batch)
             yield batch
@@ -189,7 +218,8 @@ class TrajectoryTask(Task):
     def train_batches(self) -> TrainBatches:
         dataset = self._dataset("train", shuffle=True)
         sample_bytes = math.prod(self.model.input_shape) + 4 * (1 + 3 + 3 * self.index["sample_shape"][1])
-        return _Batches(dataset, self._loader_kwargs(dataset), self.cfg.batch_size, sample_bytes,
+        return _Batches(dataset, self._loader_kwargs(dataset), self.cfg.batch_size, self.cfg.data.reader_threads,
+                        sample_bytes,
                         self.cfg.data.cache_mb * 2**20, self.cfg.seed, self._prepare)
 
     def _prepare(self, batch: dict) -> dict:
@@ -251,9 +281,9 @@ class TrajectoryTask(Task):
         scores = ClassScores(self.classes, dev, temperature=temperature, keep_logits=keep_logits)
         model.eval()
         seen = 0
-        kwargs = self._loader_kwargs(dataset)
-        loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size or self.cfg.batch_size, **kwargs)
-        for batch in prefetch(map(self._prepare, loader), depth=2):
+        batches = _read(dataset, self._loader_kwargs(dataset), self.cfg.eval_batch_size or self.cfg.batch_size,
+                        self.cfg.data.reader_threads, self._prepare)
+        for batch in batches:
             if limit is not None and seen >= limit:
                 break
             x, y, target = self._inputs(batch)
