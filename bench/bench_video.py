@@ -108,7 +108,7 @@ def platform(cfg, store, run_id: str) -> tuple[float, float]:
 
 
 def _loader(workers: int) -> str:
-    return f"{workers} worker processes" if workers else "background thread (workers=0, the CPU default)"
+    return f"{workers} worker processes" if workers else "2 background threads (workers=0, the CPU default)"
 
 
 def main() -> None:
