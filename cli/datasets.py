@@ -111,7 +111,9 @@ def write_trajectory_sample(location: str, index: int, out: str) -> str:
     meta = read_index(store, prefix)
     if not 0 <= index < meta["num_samples"]:
         raise InvalidArgument(f"sample {index} is outside the dataset's {meta['num_samples']} samples")
-    for item in TrajectoryShards(store, prefix):
+    # Only the shard that holds the sample is read (and verified).
+    shard = next(s["index"] for s in meta["shards"] if s["start"] <= index < s["stop"])
+    for item in TrajectoryShards(store, prefix, shards=[shard]):
         if int(item["index"]) == index:
             label = int(item["label"])
             np.savez(out, video=item["video"].numpy(), label=label, class_name=meta["classes"][label],
