@@ -48,9 +48,10 @@ class ModelCard(BaseModel):
     version: int = Field(ge=0)
     architecture: str
     model_kwargs: dict[str, Any]
-    # What the model does: "classification" (images -> class probabilities) or "trajectory" (multi-camera
-    # clips -> class probabilities and the future position); the serving signature follows from it.
-    task: Literal["classification", "trajectory"] = "classification"
+    # What the model does: "classification" (images -> class probabilities), "trajectory" (multi-camera
+    # clips -> class probabilities and the future position) or "captioning" (an image -> text); the serving
+    # signature follows from it.
+    task: Literal["classification", "trajectory", "captioning"] = "classification"
     classes: list[str]
     # The forward input of one sample: [C, H, W] for images, [cameras, C, T, H, W] for trajectory models.
     input_size: list[int] = Field(min_length=3, max_length=6)
@@ -69,6 +70,11 @@ class ModelCard(BaseModel):
     val_source: str = ""
     # Confusion matrices (true x predicted) of the selected model, by split.
     confusion: dict[str, list[list[int]]] = Field(default_factory=dict)
+    # Files published beside the weights that the module needs (a captioner's tokenizer.json): the loader
+    # reads them, verified, and hands them to the module's ``load_files``.
+    files: list[str] = Field(default_factory=list)
+    # Captioning: how text is generated when served (max_new_tokens, num_beams, length_penalty, prompt).
+    generation: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -194,8 +200,10 @@ def read_card(store, name: str, version: int | None = None) -> ModelCard:
     return ModelCard.from_json(store.get_verified(prefix, CARD_FILE), f"{prefix}/{CARD_FILE}")
 
 
-def build_module(card: ModelCard, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
-    """Rebuild ``card``'s architecture and load ``state`` strictly: weights that do not fit fail loudly."""
+def build_module(card: ModelCard, state: dict[str, torch.Tensor], source: str,
+                 files: dict[str, bytes] | None = None) -> torch.nn.Module:
+    """Rebuild ``card``'s architecture and load ``state`` strictly: weights that do not fit fail loudly;
+    ``files``: the card's ``files`` as read from beside the weights."""
     from shared.models import create_model
 
     model = create_model(card.architecture, **card.model_kwargs)
@@ -203,6 +211,14 @@ def build_module(card: ModelCard, state: dict[str, torch.Tensor], source: str) -
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise IntegrityError(f"{source}: weights do not fit architecture {card.architecture}: {exc}") from exc
+    if card.files:
+        missing = sorted(set(card.files) - set(files or {}))
+        if missing:
+            raise IntegrityError(f"{source}: the card lists {missing} beside the weights, but they were not given")
+        try:
+            model.load_files({name: files[name] for name in card.files})
+        except InvalidArgument as exc:
+            raise IntegrityError(f"{source}: {exc}") from exc
     return model.eval()
 
 
@@ -215,4 +231,5 @@ def load_published(store, name: str, version: int | None = None,
         state = st_load(store.get_verified(prefix, WEIGHTS_FILE))
     except SafetensorError as exc:
         raise IntegrityError(f"{prefix}/{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
-    return build_module(card, state, prefix).to(device), card
+    files = {name: store.get_verified(prefix, name) for name in card.files}
+    return build_module(card, state, prefix, files).to(device), card

@@ -15,10 +15,15 @@ def plot_curves(history: list[dict[str, float]]):
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.legend()
-    ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
-    ax2.plot(epochs, [h["val_acc"] for h in history], label="val")
+    if all("val_acc" in h for h in history):
+        ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
+        ax2.plot(epochs, [h["val_acc"] for h in history], label="val")
+        ax2.set_ylabel("accuracy")
+    else:  # captioning: validation loss with another part's image against the true one
+        ax2.plot(epochs, [h["val_loss_shuffled"] for h in history], label="val, shuffled images")
+        ax2.plot(epochs, [h["val_loss"] for h in history], label="val, true images")
+        ax2.set_ylabel("cross-entropy per answer token")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy")
     ax2.legend()
     fig.tight_layout()
     return fig
@@ -88,5 +93,26 @@ def plot_regression_errors(rows: dict[str, dict[str, float]], title: str = ""):
     ax.set_ylabel("error (world units)")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_captions(images: np.ndarray, generated: list[str], truth: list[str], title: str = ""):
+    """Views (N, H, W, 3 uint8) each beside its generated description and the true one."""
+    import textwrap
+
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    fig = Figure(figsize=(12, 2.6 * n))
+    axes = fig.subplots(n, 2, squeeze=False, gridspec_kw={"width_ratios": [1, 5]})
+    for i in range(n):
+        axes[i, 0].imshow(images[i])
+        axes[i, 0].axis("off")
+        text = (f"generated: {textwrap.fill(generated[i], 120)}\n\ntruth: {textwrap.fill(truth[i], 120)}")
+        axes[i, 1].text(0, 1, text, va="top", ha="left", fontsize=7, family="monospace", wrap=True)
+        axes[i, 1].axis("off")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

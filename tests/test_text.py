@@ -1,6 +1,8 @@
 """Tokenizer and LLaVA conversation encoding (shared/text), on small synthetic CAD descriptions."""
 from __future__ import annotations
 
+import re
+
 import random
 
 import pytest
@@ -61,16 +63,18 @@ def test_special_ids_are_distinct_and_fixed(tok):
     assert 261 < tok.vocab_size <= 400
 
 
-def test_digits_are_single_tokens_and_round_trip(tok):
-    text = "size 0.6198 × -12.5 and 1e-05, 3141592653 at Z = -0.0007"
+def test_numbers_are_digit_pairs_and_round_trip(tok):
+    text = "size 0.6198 × -12.5 and 1e-05, 3141592653 at Z = -0.0007 and 123.45"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    for piece in tok.tokens(text):
+    pieces = tok.tokens(text)
+    for piece in pieces:
         digits = [c for c in piece if c.isdigit()]
-        # A digit is always a token of its own: never merged with another digit or with text.
-        assert not digits or piece in "0123456789", piece
-    # Every digit of the text shows up as one token, in order.
-    assert [p for p in tok.tokens(text) if p.isdigit()] == [c for c in text if c.isdigit()]
+        # A token holds at most two digits, and nothing else but the point that ends an integer part.
+        assert not digits or (len(digits) <= 2 and re.fullmatch(r"\d{1,2}\.?", piece)), piece
+    assert "0." in pieces  # the integer part keeps its point
+    # Every digit of the text shows up in order.
+    assert "".join(c for p in pieces for c in p if c.isdigit()) == "".join(c for c in text if c.isdigit())
 
 
 def test_held_out_texts_round_trip_with_no_unknown_tokens(tok, data):
@@ -86,7 +90,7 @@ def test_held_out_texts_round_trip_with_no_unknown_tokens(tok, data):
 def test_merges_shorten_the_descriptions(tok, data):
     _, val = data
     answer = human_and_answer(val[0])[1]
-    # Templated phrases merge: far fewer tokens than characters, yet the digits stay one token each.
+    # Templated phrases merge and numbers go by digit pairs: far fewer tokens than characters.
     assert len(tok.encode(answer)) < 0.5 * len(answer)
 
 

@@ -15,6 +15,10 @@ Tensors travel in ``raw_input_contents``; typed ``contents`` are accepted too.
 Trajectory models take ``videos`` UINT8 [N, cameras, frames, C, H, W], exactly the card's ``clip_size``
 (``[-1, 4, 32, 3, 64, 64]`` for the rendered dataset), prepared by the model's own ``prepare``.
 
+Captioning models take ``images`` UINT8 [N, H, W, 3] (any size) or ``encoded`` BYTES [N] (PNG/JPEG/...,
+decoded to RGB and area-averaged to the model's size), and give ``text`` BYTES [N]: one UTF-8 description per
+image, generated with the card's ``generation`` settings.
+
 Outputs: ``probabilities`` FP32 [N, classes] and ``labels`` BYTES [N] (top-1 class name), or [N, k] when
 the requested ``labels`` output carries the parameter ``top_k``; trajectory models add ``future_position``
 FP32 [N, 3] (x, y, z in world units). Always in ``raw_output_contents``.
@@ -31,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from shared.bytes_tensor import deserialize_bytes_tensor, serialize_bytes_tensor
 from shared.errors import InvalidArgument
 from shared.pb import inference_pb2 as pb
-from shared.predict import FUTURE_POSITION, PROBABILITIES, Signature, TrajectorySignature
+from shared.predict import FUTURE_POSITION, PROBABILITIES, TEXT, Signature
 from shared.preprocess import Preprocessor
 
 # The request's raw bytes are immutable and nothing downstream writes into an input tensor, so the
@@ -43,11 +47,16 @@ INPUT_IMAGES = "images"
 INPUT_TENSOR = "tensor"
 INPUT_ENCODED = "encoded"
 INPUT_VIDEOS = "videos"
-INPUT_DATATYPES = {INPUT_IMAGES: "UINT8", INPUT_TENSOR: "FP32", INPUT_ENCODED: "BYTES"}
-VIDEO_DATATYPES = {INPUT_VIDEOS: "UINT8"}
+# What each task takes on the wire (ModelCard.task).
+WIRE_INPUTS = {
+    "classification": {INPUT_IMAGES: "UINT8", INPUT_TENSOR: "FP32", INPUT_ENCODED: "BYTES"},
+    "trajectory": {INPUT_VIDEOS: "UINT8"},
+    "captioning": {INPUT_IMAGES: "UINT8", INPUT_ENCODED: "BYTES"},
+}
 OUTPUT_PROBS = PROBABILITIES
 OUTPUT_LABELS = "labels"
 OUTPUT_POSITION = FUTURE_POSITION
+OUTPUT_TEXT = TEXT
 _NP_DTYPES = {"UINT8": np.uint8, "FP32": np.dtype("<f4")}
 
 
@@ -150,25 +159,42 @@ def _image_batch(arr: np.ndarray, pre: Preprocessor) -> torch.Tensor:
     return pre(torch.from_numpy(arr).permute(0, 3, 1, 2))  # a view: NCHW strides over the NHWC bytes
 
 
-def _encoded_batch(blobs: list[bytes], pre: Preprocessor) -> torch.Tensor:
-    mode = "L" if pre.channels == 1 else "RGB"
-    out = np.empty((len(blobs), pre.height, pre.width, 1 if mode == "L" else 3), np.uint8)
+def _decode_images(blobs: list[bytes], channels: int, height: int, width: int,
+                   resample: Image.Resampling = Image.Resampling.BILINEAR) -> torch.Tensor:
+    """Encoded images -> uint8 [N, C, H, W] at the given size."""
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(blobs), height, width, 1 if mode == "L" else 3), np.uint8)
     for i, blob in enumerate(blobs):
         try:
             with Image.open(io.BytesIO(blob)) as im:
                 im = im.convert(mode)
-                if im.size != (pre.width, pre.height):
-                    im = im.resize((pre.width, pre.height), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(im).reshape(pre.height, pre.width, -1)
+                if im.size != (width, height):
+                    im = im.resize((width, height), resample)
+                out[i] = np.asarray(im).reshape(height, width, -1)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise InvalidArgument(f"input {INPUT_ENCODED!r} element {i} ({len(blob)} bytes) is not a "
                                   f"decodable image: {exc}") from None
-    return pre(torch.from_numpy(out).permute(0, 3, 1, 2))
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def _encoded_batch(blobs: list[bytes], pre: Preprocessor) -> torch.Tensor:
+    return pre(_decode_images(blobs, pre.channels, pre.height, pre.width))
+
+
+def _caption_batch(name: str, data: np.ndarray | list[bytes], signature: Signature) -> torch.Tensor:
+    if name == INPUT_ENCODED:
+        # Area averaging (BOX), as the captioner was trained: thin outlines stay grey lines instead of aliasing away.
+        size = signature.image_size
+        return signature.prepare(_decode_images(data, 3, size, size, Image.Resampling.BOX))
+    if data.ndim != 4 or data.shape[3] != 3 or min(data.shape[:3]) == 0:
+        raise InvalidArgument(f"input {INPUT_IMAGES!r} must be UINT8 [N, H, W, 3] (RGB), got shape {list(data.shape)}")
+    return signature.prepare(torch.from_numpy(data).permute(0, 3, 1, 2))
 
 
 def decode_input(request: pb.ModelInferRequest, signature: Signature) -> torch.Tensor:
     """The request's one input as the batch the model takes (see the module docstring)."""
-    datatypes = VIDEO_DATATYPES if isinstance(signature, TrajectorySignature) else INPUT_DATATYPES
+    task = signature.card.task
+    datatypes = WIRE_INPUTS[task]
     if len(request.inputs) != 1:
         raise InvalidArgument(f"send exactly one input ({', '.join(f'{k} {v}' for k, v in datatypes.items())}), "
                               f"got {len(request.inputs)}")
@@ -189,8 +215,10 @@ def decode_input(request: pb.ModelInferRequest, signature: Signature) -> torch.T
             else tensor_from_raw(inp.name, expected, shape, raw)
     else:
         data = _from_contents(inp, shape)
-    if isinstance(signature, TrajectorySignature):
+    if task == "trajectory":
         return signature.prepare(torch.from_numpy(data))
+    if task == "captioning":
+        return _caption_batch(inp.name, data, signature)
     pre = signature.preprocessor
     if inp.name == INPUT_ENCODED:
         return _encoded_batch(data, pre)
@@ -200,7 +228,7 @@ def decode_input(request: pb.ModelInferRequest, signature: Signature) -> torch.T
 # ---------------------------------------------------------------------------------------------- outputs
 
 def output_names(signature: Signature) -> tuple[str, ...]:
-    return (*signature.outputs, OUTPUT_LABELS)
+    return (*signature.outputs, OUTPUT_LABELS) if signature.classifies else signature.outputs
 
 
 def requested_outputs(request: pb.ModelInferRequest, signature: Signature) -> dict[str, int]:
@@ -226,14 +254,19 @@ def requested_outputs(request: pb.ModelInferRequest, signature: Signature) -> di
 def encode_response(request: pb.ModelInferRequest, name: str, version: int, classes: list[str],
                     results: dict[str, torch.Tensor], outputs: dict[str, int]) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request.id)
-    probs = results[OUTPUT_PROBS]
-    n = probs.shape[0]
     for output, top_k in outputs.items():
+        value = results.get(output)
+        if isinstance(value, list):  # text: UTF-8 elements of a BYTES tensor
+            response.outputs.add(name=output, datatype="BYTES", shape=[len(value)])
+            response.raw_output_contents.append(serialize_bytes_tensor([t.encode() for t in value]))
+            continue
         if output != OUTPUT_LABELS:
             value = results[output]
             response.outputs.add(name=output, datatype="FP32", shape=list(value.shape))
             response.raw_output_contents.append(value.float().numpy().tobytes())
             continue
+        probs = results[OUTPUT_PROBS]
+        n = probs.shape[0]
         if top_k:
             idx, shape = torch.topk(probs, top_k, dim=1).indices, [n, top_k]
         else:

@@ -17,7 +17,7 @@ from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
 from shared.modelcard import ModelCard, ModelRef, list_published, list_versions, load_published, parse_model_ref
 from shared.names import validate_name
-from shared.predict import PROBABILITIES, Signature, signature_for
+from shared.predict import Signature, signature_for
 from shared.quantize import quantize_int8
 
 log = get_logger(__name__)
@@ -234,10 +234,7 @@ class ModelRepository:
     def _warm_up(self, loaded: LoadedModel) -> None:
         # The first forward pass allocates and picks kernels; it should not land on a client's request.
         for n in sorted({1, min(self.max_batch_size, 8)}):
-            probs = loaded.forward(torch.zeros(n, *loaded.signature.input_shape))[PROBABILITIES]
-            if probs.shape != (n, len(loaded.classes)):
-                raise InvalidArgument(f"model {loaded.name}:{loaded.version} outputs {list(probs.shape)} for a "
-                                      f"batch of {n}, but its card lists {len(loaded.classes)} classes")
+            loaded.signature.check(loaded.forward(torch.zeros(n, *loaded.signature.input_shape)), n)
 
     def _discard(self, key: tuple[str, int]) -> None:
         with self._lock:

@@ -27,7 +27,6 @@ from shared.logs import get_logger
 from shared.modelcard import ModelRef, parse_model_ref
 from shared.pb import inference_pb2 as pb
 from shared.pb import inference_pb2_grpc
-from shared.predict import TrajectorySignature
 from shared.storage import open_store
 
 log = get_logger(__name__)
@@ -82,16 +81,20 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         versions = [str(model.version)] if request.version else \
             [str(v) for v in self.repository.loaded_versions(model.name)]
         T = pb.ModelMetadataResponse.TensorMetadata
-        sig = model.signature
-        if isinstance(sig, TrajectorySignature):
+        sig, task = model.signature, model.card.task
+        if task == "trajectory":
             inputs = [T(name=protocol.INPUT_VIDEOS, datatype="UINT8", shape=[-1, *sig.clip_shape])]
         else:
-            inputs = [T(name=protocol.INPUT_IMAGES, datatype="UINT8", shape=[-1, -1, -1, -1]),
-                      T(name=protocol.INPUT_TENSOR, datatype="FP32", shape=[-1, *sig.input_shape]),
-                      T(name=protocol.INPUT_ENCODED, datatype="BYTES", shape=[-1])]
-        outputs = [T(name=protocol.OUTPUT_PROBS, datatype="FP32", shape=[-1, len(model.classes)]),
-                   T(name=protocol.OUTPUT_LABELS, datatype="BYTES", shape=[-1])]
-        if isinstance(sig, TrajectorySignature):
+            inputs = [T(name=protocol.INPUT_IMAGES, datatype="UINT8", shape=[-1, -1, -1, -1])]
+            if task == "classification":
+                inputs.append(T(name=protocol.INPUT_TENSOR, datatype="FP32", shape=[-1, *sig.input_shape]))
+            inputs.append(T(name=protocol.INPUT_ENCODED, datatype="BYTES", shape=[-1]))
+        if task == "captioning":
+            outputs = [T(name=protocol.OUTPUT_TEXT, datatype="BYTES", shape=[-1])]
+        else:
+            outputs = [T(name=protocol.OUTPUT_PROBS, datatype="FP32", shape=[-1, len(model.classes)]),
+                       T(name=protocol.OUTPUT_LABELS, datatype="BYTES", shape=[-1])]
+        if task == "trajectory":
             outputs.append(T(name=protocol.OUTPUT_POSITION, datatype="FP32", shape=[-1, 3]))
         return pb.ModelMetadataResponse(name=model.name, versions=versions, platform="pytorch", inputs=inputs,
                                         outputs=outputs)

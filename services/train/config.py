@@ -38,7 +38,7 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    kind: Literal["mnist", "cifar10", "imagefolder", "synthetic", "trajectories"]
+    kind: Literal["mnist", "cifar10", "imagefolder", "synthetic", "trajectories", "tinyllava"]
     # A local directory, or a store URL/key prefix (file://..., s3://bucket/prefix) fetched to a cache first.
     path: str | None = None
     # Stratified training subset of this many samples (e.g. 5000 of CIFAR-10's 50000); None = all. It is
@@ -192,11 +192,25 @@ class UnfreezeStep(_Strict):
     stages: int = Field(ge=-1)
 
 
+class CaptionConfig(_Strict):
+    """task=captioning: the tokenizer trained on the run's training text, sequence bounds, generation."""
+    vocab_size: int = Field(1024, ge=261, le=65536)  # 256 byte tokens + 5 special tokens at least
+    max_len: int = Field(384, ge=8, le=4096)
+    # Generation when evaluating held-out samples and when served (the model card records these).
+    max_new_tokens: int = Field(256, ge=1, le=1024)
+    num_beams: int = Field(1, ge=1, le=16)
+    length_penalty: float = Field(1.0, ge=0, le=10)
+    # Held-out samples whose descriptions are generated at the end (structured accuracy, BLEU, chrF).
+    eval_samples: int = Field(300, ge=1, le=100_000)
+    # Training images shifted by up to this many pixels (edge padding is white, as the views' background).
+    shift: int = Field(4, ge=0, le=64)
+
+
 class TrainConfig(_Strict):
     experiment: str = Field(min_length=1)
     run_name: str | None = None
     # What is learnt (services.train.engine.tasks.TASKS): the data, the loss and the metrics follow from it.
-    task: Literal["classification", "trajectory"] = "classification"
+    task: Literal["classification", "trajectory", "captioning"] = "classification"
     model: ModelConfig
     data: DataConfig
     epochs: int = Field(gt=0)
@@ -225,15 +239,17 @@ class TrainConfig(_Strict):
     unfreeze: list[UnfreezeStep] = Field(default_factory=list)
     num_threads: int | None = Field(None, gt=0)
     tags: dict[str, str] = Field(default_factory=dict)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if isinstance(self.loss.class_weights, list) and self.data.kind == "synthetic" \
                 and len(self.loss.class_weights) != self.data.num_classes:
             raise ValueError("loss.class_weights needs one weight per class")
-        if (self.task == "trajectory") != (self.data.kind == "trajectories"):
-            raise ValueError(f"task={self.task} cannot train on data.kind={self.data.kind}: trajectory models "
-                             "train on kind=trajectories, and only they do")
+        for task, kind in (("trajectory", "trajectories"), ("captioning", "tinyllava")):
+            if (self.task == task) != (self.data.kind == kind):
+                raise ValueError(f"task={self.task} cannot train on data.kind={self.data.kind}: {task} models "
+                                 f"train on kind={kind}, and only they do")
         if self.unfreeze and not self.freeze_backbone:
             raise ValueError("unfreeze steps need freeze_backbone: true")
         for where, metric in (("checkpoint.keep_best_metric", self.checkpoint.keep_best_metric),

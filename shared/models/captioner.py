@@ -33,7 +33,10 @@ from torch import nn
 
 from shared.errors import InvalidArgument
 from shared.models.registry import register_model
-from shared.text.conversation import IGNORE_INDEX
+from shared.text.conversation import IGNORE_INDEX, prompt_ids
+from shared.text.tokenizer import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def preprocess_images(images: torch.Tensor, size: int = 64) -> torch.Tensor:
@@ -113,6 +116,37 @@ class CadCaptioner(nn.Module):
         self.pre_out = nn.Linear(hidden_dim + attn_dim, embed_dim)
         self.out = nn.Linear(embed_dim, vocab_size)
         self.drop = nn.Dropout(dropout)
+        # Not a parameter: trained on the training split's text, published beside the weights (TOKENIZER_FILE)
+        # and attached by ``load_files`` when a published model is rebuilt.
+        self.tokenizer: Tokenizer | None = None
+
+    # ---- the files published beside the weights (shared.modelcard) ----
+
+    def export_files(self) -> dict[str, bytes]:
+        if self.tokenizer is None:
+            raise InvalidArgument("cad_captioner has no tokenizer attached: nothing can decode its output")
+        return {TOKENIZER_FILE: self.tokenizer.to_bytes()}
+
+    def load_files(self, files: dict[str, bytes]) -> None:
+        if TOKENIZER_FILE not in files:
+            raise InvalidArgument(f"a published cad_captioner needs {TOKENIZER_FILE} beside its weights")
+        tokenizer = Tokenizer.from_bytes(files[TOKENIZER_FILE], TOKENIZER_FILE)
+        if tokenizer.vocab_size != self.vocab_size or tokenizer.image_id != self.image_token_id:
+            raise InvalidArgument(f"{TOKENIZER_FILE} has {tokenizer.vocab_size} tokens (image id {tokenizer.image_id}"
+                                  f"), the model {self.vocab_size} (image id {self.image_token_id})")
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def describe(self, images: torch.Tensor, prompts: list[str], *, max_new_tokens: int = 256, num_beams: int = 1,
+                 length_penalty: float = 1.0) -> list[str]:
+        """Text for each image (float, as ``preprocess_images`` makes them) after its human prompt."""
+        tok = self.tokenizer
+        if tok is None:
+            raise InvalidArgument("cad_captioner has no tokenizer attached")
+        ids = self.generate(images, max_new_tokens=max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                            num_beams=num_beams, prompts=[prompt_ids(p, tok) for p in prompts], pad_id=tok.pad_id,
+                            length_penalty=length_penalty)
+        return [tok.decode(row) for row in ids.tolist()]
 
     # ---- pieces shared by training and generation ----
 
@@ -149,8 +183,11 @@ class CadCaptioner(nn.Module):
 
     # ---- training ----
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V): position t predicts token t + 1."""
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V): position t predicts token t + 1. Without ``input_ids``, one step from BOS (id 1): the
+        cost of the first generated token, what a model summary and a FLOP count measure."""
+        if input_ids is None:
+            input_ids = torch.ones(images.shape[0], 1, dtype=torch.long, device=images.device)
         state = self.encode_images(images)
         h, _ = self._run(state, input_ids, state["h0"])
         return self.out(self._features(state, h))

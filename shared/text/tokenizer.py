@@ -1,16 +1,17 @@
 """Byte-level BPE tokenizer for the CAD descriptions, trained on the training split only (nothing downloaded).
 
-Why byte-level BPE with isolated digits rather than a character vocabulary:
+Why byte-level BPE with numbers cut into digit pairs rather than a character vocabulary:
 - byte-level: every string encodes (the base alphabet is the 256 bytes), so no text is ever unknown
   and ``decode(encode(t)) == t`` for any ``t`` that holds no special-token string;
-- digits are split off before BPE (a regex pre-tokenizer isolates every digit), so a token never holds
-  two digits or a digit and anything else: numbers are spelled digit by digit and round-trip exactly,
-  and the model learns one digit distribution instead of thousands of number tokens;
-- between digits no whitespace pre-split is done, so merges may cross words: the descriptions are
+- numbers are split off before BPE (a regex pre-tokenizer isolates "one or two digits and a point", else
+  one or two digits), so a token never holds more than two digits nor a digit and a letter: "0.5764" is
+  "0." "57" "64". Numbers round-trip exactly, and the model learns 100 pair tokens instead of thousands of
+  number tokens. Four of five tokens of a description are its numbers' (95 of 117 with one token per
+  digit): pairs cut the sequence to ~82 tokens, and the sequence length is what a GRU pays for step by step
+  (training runs ~1.5x faster than with single digits);
+- between numbers no whitespace pre-split is done, so merges may cross words: the descriptions are
   templated ("Extrude it symmetrically by ", " (normal -Z), sketch a circle of diameter "), and whole
-  phrases become single tokens. On 5,400 synthetic records a 1,024 vocabulary gives ~120 tokens per
-  description against ~240 with word-level pre-splitting and ~620 characters: the sequence length is
-  what a GRU pays for step by step.
+  phrases become single tokens.
 
 The tokenizer is one JSON file (the ``tokenizers`` format: model, pre-tokenizer, decoder and special
 tokens together), saved beside the model and loaded back with ``Tokenizer.load``.
@@ -30,12 +31,13 @@ PAD, BOS, EOS, SEP, IMAGE = "<pad>", "<s>", "</s>", "<sep>", "<image>"
 # placeholder: "<image>" in a human turn encodes straight to its id.
 SPECIAL_TOKENS = (PAD, BOS, EOS, SEP, IMAGE)
 DEFAULT_VOCAB_SIZE = 1024
+NUMBER_PIECE = r"\d{1,2}\.|\d{1,2}"
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # Isolate each digit, then map bytes to the byte-level alphabet without any further splitting.
+    # Isolate number pieces ("0.", "57"), then map bytes to the byte-level alphabet with no further splitting.
     return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(NUMBER_PIECE), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
 
@@ -79,16 +81,24 @@ class Tokenizer:
         self._tok.save(str(path))
         return path
 
+    def to_bytes(self) -> bytes:
+        """The tokenizer as its JSON file's bytes (what ``save`` writes)."""
+        return self._tok.to_str().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "tokenizer") -> Tokenizer:
+        try:
+            backend = _Backend.from_str(data.decode())
+        except Exception as exc:  # the Rust side raises a bare Exception for malformed JSON
+            raise InvalidArgument(f"{source} is not a tokenizers JSON file: {exc}") from None
+        return cls(backend)
+
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise NotFound(f"tokenizer file {path} does not exist")
-        try:
-            backend = _Backend.from_file(str(path))
-        except Exception as exc:  # the Rust side raises a bare Exception for malformed JSON
-            raise InvalidArgument(f"{path} is not a tokenizers JSON file: {exc}") from None
-        return cls(backend)
+        return cls.from_bytes(path.read_bytes(), str(path))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 2) -> Tokenizer:

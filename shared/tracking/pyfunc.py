@@ -25,7 +25,8 @@ def _requirements() -> list[str]:
     return out
 
 
-def save_pyfunc_model(path: str | Path, card: ModelCard, weights: bytes) -> Path:
+def save_pyfunc_model(path: str | Path, card: ModelCard, weights: bytes,
+                      files: dict[str, bytes] | None = None) -> Path:
     """Write an MLflow model directory at ``path`` that ``mlflow.pyfunc.load_model`` predicts with.
 
     Classifiers take uint8 images [N, H, W, C] of any size with the card's channel count; the input example is
@@ -37,7 +38,11 @@ def save_pyfunc_model(path: str | Path, card: ModelCard, weights: bytes) -> Path
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     outputs = [ColSpec("string", "label"), ColSpec("double", "confidence")]
-    if card.task == "trajectory":
+    if card.task == "captioning":
+        inputs = TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))
+        outputs = [ColSpec("string", "text")]
+        example = None  # generating text for a blank view only slows the logging down
+    elif card.task == "trajectory":
         inputs = TensorSpec(np.dtype("uint8"), (-1, *card.clip_size))
         outputs += [ColSpec("double", f"future_{axis}") for axis in "xyz"]
         example = None
@@ -50,8 +55,12 @@ def save_pyfunc_model(path: str | Path, card: ModelCard, weights: bytes) -> Path
         weights_path, card_path = Path(tmp) / WEIGHTS_FILE, Path(tmp) / CARD_FILE
         weights_path.write_bytes(weights)
         card_path.write_bytes(card.to_json())
+        artifacts = {"weights": str(weights_path), "model_card": str(card_path)}
+        for name in card.files:  # e.g. a captioner's tokenizer.json
+            (Path(tmp) / name).write_bytes((files or {})[name])
+            artifacts[name] = str(Path(tmp) / name)
         mlflow.pyfunc.save_model(
             str(path), python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={"weights": str(weights_path), "model_card": str(card_path)}, code_paths=[str(_SHARED)],
+            artifacts=artifacts, code_paths=[str(_SHARED)],
             signature=signature, input_example=example, pip_requirements=_requirements())
     return Path(path)

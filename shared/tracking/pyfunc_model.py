@@ -7,7 +7,8 @@ So loading a trainyard model through MLflow unpickles nothing, and the input pat
 
 Input: uint8 images [N, H, W, C] (any size, 1, 3 or 4 channels), or for trajectory models uint8 clips
 [N, cameras, frames, C, H, W]. Output: a DataFrame with the top-1 ``label`` and its ``confidence`` (the
-card's calibration temperature applied), and for trajectory models ``future_x``, ``future_y``, ``future_z``.
+card's calibration temperature applied), and for trajectory models ``future_x``, ``future_y``, ``future_z``;
+captioning models give one ``text`` column (their tokenizer travels as an artifact beside the weights).
 """
 from __future__ import annotations
 
@@ -29,19 +30,22 @@ class TrainyardModel(PythonModel):
 
         card_path = Path(context.artifacts["model_card"])
         self.card = ModelCard.from_json(card_path.read_bytes(), str(card_path))
-        model = build_module(self.card, load_file(context.artifacts["weights"]), str(card_path.parent))
+        files = {name: Path(context.artifacts[name]).read_bytes() for name in self.card.files}
+        model = build_module(self.card, load_file(context.artifacts["weights"]), str(card_path.parent), files)
         self.signature = signature_for(self.card, model)
 
     # np.ndarray: MLflow passes the array as is (the signature, not the hint, validates it).
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
-        from shared.predict import FUTURE_POSITION, PROBABILITIES
+        from shared.predict import FUTURE_POSITION, PROBABILITIES, TEXT
 
         raw = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.uint8))
-        if self.card.task == "classification":
+        if self.card.task in ("classification", "captioning"):
             if raw.dim() == 3:  # [N, H, W]: grayscale without a channel axis
                 raw = raw.unsqueeze(-1)
             raw = raw.permute(0, 3, 1, 2)
         out = self.signature(raw)
+        if TEXT in out:
+            return pd.DataFrame({"text": out[TEXT]})
         confidence, index = out[PROBABILITIES].max(dim=1)
         frame = {"label": [self.card.classes[i] for i in index.tolist()], "confidence": confidence.double().numpy()}
         if FUTURE_POSITION in out:

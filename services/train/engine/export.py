@@ -44,8 +44,9 @@ def _marker(run_id: str) -> str:
 
 
 def export_model(store, cfg: TrainConfig, card: ModelCard, weights: bytes,
-                 tracker: Tracker | None) -> tuple[str, int, bool]:
-    """Publish (log, register) the model; returns (name, version, whether it was published now).
+                 tracker: Tracker | None, files: dict[str, bytes] | None = None) -> tuple[str, int, bool]:
+    """Publish (log, register) the model with ``files`` beside the weights (the card lists them); returns (name,
+    version, whether it was published now).
 
     A restart after the export (killed while registering, or a finished run resubmitted) must not publish a
     second version: the marker written right after the publish records the first one, and a version the
@@ -56,7 +57,7 @@ def export_model(store, cfg: TrainConfig, card: ModelCard, weights: bytes,
         done = json.loads(store.get_bytes(marker))
         return done["name"], done["version"], False
     if tracker is None:
-        version, prefix = publish_model(store, card, weights)
+        version, prefix = publish_model(store, card, weights, extra_files=files)
     else:
         uri = tracker.tracking_uri
         metric, mode = cfg.checkpoint.keep_best_metric, cfg.checkpoint.mode
@@ -66,14 +67,14 @@ def export_model(store, cfg: TrainConfig, card: ModelCard, weights: bytes,
             tags={"selection_metric": metric, "selection_mode": mode, "selection_value": value,
                   "selection_split": card.selection_split, "trainyard_run_id": card.run_id})
         card = card.model_copy(update={"version": version})
-        reporting.log_model(tracker, card, weights)
+        reporting.log_model(tracker, card, weights, files)
         prefix = model_prefix(card.name, version)
         if store.is_published(prefix):
             raise FailedPrecondition(
                 f"the MLflow registry gave model {card.name!r} version {version}, but {prefix} already exists in "
                 f"{store.url} (published by a run without tracking?): export each model name either always or "
                 "never with MLflow tracking")
-        publish_model(store, card, weights, version=version)
+        publish_model(store, card, weights, version=version, extra_files=files)
         alias = promote(uri, card.name, version, metric, mode, value, eligible=card.selection_split == "val")
         tracker.set_tags({"model_uri": prefix, "registered_model_version": version, "model_alias": alias})
         log.info("model registered", extra={"model": card.name, "version": version, "alias": alias})

@@ -430,14 +430,15 @@ class Engine:
                 final: Evaluation, fresh: bool) -> None:
         """Log the final figures and the selected model; publish + register the export."""
         card = build_card(self.cfg, task, model_kwargs, state, self.run_id, final)
+        files = task.export_files()
         if tracker is not None and fresh:
             reporting.log_run_end(tracker, self.cfg, task, state, final)
         if not self.do_export:
             if tracker is not None:
-                reporting.log_model(tracker, card, weights)
+                reporting.log_model(tracker, card, weights, files)
             return
         result.model_name, result.model_version, published = export_model(self.store, self.cfg, card, weights,
-                                                                           tracker)
+                                                                           tracker, files)
         if published:
             self.events.emit("model", name=result.model_name, version=result.model_version,
                              uri=model_uri(result.model_name, result.model_version))

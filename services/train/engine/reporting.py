@@ -70,12 +70,12 @@ def log_run_end(tracker: Tracker, cfg: TrainConfig, task: Task, state: RunState,
                       "final": final.metrics}, "history.json")
 
 
-def log_model(tracker: Tracker, card: ModelCard, weights: bytes) -> None:
+def log_model(tracker: Tracker, card: ModelCard, weights: bytes, files: dict[str, bytes] | None = None) -> None:
     """The selected model as the run's ``model`` artifact: an MLflow pyfunc model (see shared.tracking.pyfunc)."""
     from shared.tracking.pyfunc import save_pyfunc_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        tracker.log_artifact(save_pyfunc_model(Path(tmp) / "model", card, weights), "model")
+        tracker.log_artifact(save_pyfunc_model(Path(tmp) / "model", card, weights, files), "model")
 
 
 class EpochGauges:

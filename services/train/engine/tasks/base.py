@@ -202,6 +202,10 @@ class Task(abc.ABC):
 
     card_metrics: tuple[str, ...] = ()  # the best epoch's metrics the model card carries
 
+    def export_files(self) -> dict[str, bytes]:
+        """Files published beside the weights (name -> bytes), listed in the card's ``files``."""
+        return {}
+
     def attach(self, model: torch.nn.Module) -> None:
         """The model is built and on the device (unwrapped: DDP comes later); a task that feeds it through
         the model's own input preparation reaches it here."""
