@@ -51,13 +51,28 @@ def predict_trajectories(client: InferenceClient, model: str, version: str | int
     return "\n".join(lines)
 
 
+def describe_images(client: InferenceClient, model: str, version, paths: Sequence[str], batch_size: int) -> str:
+    """A captioning model's description of each image file (sent encoded, as stored)."""
+    files = [f for p in paths for f in (sorted(x for x in Path(p).iterdir() if x.is_file()) if Path(p).is_dir()
+                                        else [Path(p)])]
+    lines = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        for path, text in zip(chunk, client.describe(model, [f.read_bytes() for f in chunk], version), strict=True):
+            lines.append(f"{path}\n  {text}")
+    return "\n".join(lines)
+
+
 def cmd_predict(server: str, model: str, version: str | int | None, paths: Sequence[str], top_k: int = 5,
                 batch_size: int = 32) -> str:
     """`trainyard predict --server ADDR --model NAME [--version V] IMAGE|FOLDER|SAMPLE.npz...` -> printable
-    text. Trajectory sample files go to a trajectory model; everything else is classified as images."""
+    text. Trajectory sample files go to a trajectory model; images are described by a captioning model (one
+    whose outputs hold ``text``) and classified by any other."""
     samples = [p for p in paths if p.endswith(TRAJECTORY_SUFFIXES)]
     images = [p for p in paths if not p.endswith(TRAJECTORY_SUFFIXES)]
     with InferenceClient(server) as client:
+        if images and "text" in {o.name for o in client.model_metadata(model, version).outputs}:
+            return describe_images(client, model, version, images, batch_size)
         parts = []
         if samples:
             parts.append(predict_trajectories(client, model, version, samples))

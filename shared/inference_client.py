@@ -215,6 +215,28 @@ class InferenceClient:
                                 np.frombuffer(f_raw, dtype="<f4").reshape(list(f_meta.shape)),
                                 resp.model_name, resp.model_version)
 
+    def describe(self, model: str, batch: np.ndarray | Sequence[bytes], version: str | int | None = None
+                 ) -> list[str]:
+        """One ModelInfer call to a captioning model: uint8 RGB images [N, H, W, 3] or encoded image files
+        (bytes); the model's ``text`` output (a BYTES tensor) as one string per image."""
+        req = pb.ModelInferRequest(model_name=model, model_version=_v(version))
+        if isinstance(batch, np.ndarray):
+            if batch.dtype != np.uint8 or batch.ndim != 4:
+                raise errors.InvalidArgument(f"images must be uint8 [N, H, W, 3], got {batch.dtype} "
+                                             f"{list(batch.shape)}")
+            req.inputs.add(name="images", datatype="UINT8", shape=list(batch.shape))
+            req.raw_input_contents.append(np.ascontiguousarray(batch).tobytes())
+        else:
+            blobs = list(batch)
+            req.inputs.add(name="encoded", datatype="BYTES", shape=[len(blobs)])
+            req.raw_input_contents.append(serialize_bytes_tensor(blobs))
+        req.outputs.add(name="text")
+        resp = self._call("ModelInfer", req)
+        if [o.name for o in resp.outputs] != ["text"]:
+            raise errors.FailedPrecondition(f"server answered outputs {[o.name for o in resp.outputs]}, expected text")
+        meta, raw = resp.outputs[0], resp.raw_output_contents[0]
+        return [b.decode() for b in deserialize_bytes_tensor(raw, int(np.prod(meta.shape)))]
+
     def classify(self, model: str, images: Iterable, version: str | int | None = None, top_k: int = 5,
                  batch_size: int = 32, sources: Sequence[str] | None = None) -> list[Prediction]:
         """Top-k (label, confidence) for each image, sent ``batch_size`` images per request.

@@ -231,5 +231,8 @@ def load_published(store, name: str, version: int | None = None,
         state = st_load(store.get_verified(prefix, WEIGHTS_FILE))
     except SafetensorError as exc:
         raise IntegrityError(f"{prefix}/{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
-    files = {name: store.get_verified(prefix, name) for name in card.files}
+    try:
+        files = {name: store.get_verified(prefix, name) for name in card.files}
+    except NotFound as exc:
+        raise IntegrityError(f"{prefix}: its card lists {card.files} beside the weights: {exc}") from None
     return build_module(card, state, prefix, files).to(device), card

@@ -1,9 +1,8 @@
 """Tokenizer and LLaVA conversation encoding (shared/text), on small synthetic CAD descriptions."""
 from __future__ import annotations
 
-import re
-
 import random
+import re
 
 import pytest
 import torch

@@ -1,0 +1,204 @@
+"""The CAD captioner through the platform: rendered CAD models converted to TinyLLaVA records, trained by the
+engine on held-out CAD models, published with its tokenizer, and served over gRPC with the same text as in
+process (raw and encoded images, ``trainyard predict``, the MLflow pyfunc flavour)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli.predict import cmd_predict
+from services.convert.describe import describe_cad
+from services.convert.tinyllava import convert_tinyllava
+from services.inference.repository import ModelRepository
+from services.inference.server import start_server
+from services.render.cad.jobs import CadRenderJob, CadSynthJob
+from services.render.cad.synth import generate_cad_json
+from services.render.shards import run_sharded
+from services.train.config import parse_train_config
+from services.train.engine import Engine
+from services.train.engine.distributed import DistInfo
+from services.train.engine.tasks import Runtime, build_task
+from shared.cad.deepcad import parse_cad
+from shared.cad.descriptions import parse_description, size_within
+from shared.data.llava import read_llava
+from shared.errors import IntegrityError, InvalidArgument
+from shared.grpc_client import wait_serving
+from shared.inference_client import InferenceClient
+from shared.modelcard import ModelRef, load_published, read_card
+from shared.models.captioner import TOKENIZER_FILE
+from shared.predict import TEXT, signature_for
+from shared.storage import open_store
+from shared.text import human_and_answer
+
+N_MODELS = 60
+
+
+def render_and_convert(root: Path, models: int, seed: int = 5, image_size: int = 128) -> Path:
+    """``models`` synthetic CAD models, rendered (front, top, right) and converted; returns the TinyLLaVA folder."""
+    store = open_store(root)
+    run_sharded(CadSynthJob(seed=seed, total=models), store, "cad_json", workers=1)
+    run_sharded(CadRenderJob.from_input(str(root / "cad_json"), size=image_size), store, "cad_views", workers=1)
+    convert_tinyllava(root / "cad_json", root / "cad_views", root / "tinyllava", seed=3, val_fraction=0.2)
+    return root / "tinyllava"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return render_and_convert(tmp_path_factory.mktemp("cap-data"), N_MODELS)
+
+
+def caption_config(path, **over):
+    base = {"experiment": "cap-test", "task": "captioning", "model": {"name": "cad_captioner"},
+            "data": {"kind": "tinyllava", "path": str(path), "val_split": "holdout", "val_fraction": 0.2,
+                     "train_eval_size": 40},
+            "caption": {"eval_samples": 12, "max_new_tokens": 40},
+            "epochs": 2, "batch_size": 16, "num_threads": 1,
+            "optimizer": {"name": "adamw", "lr": 0.005, "weight_decay": 0.01},
+            "checkpoint": {"keep_best_metric": "val_loss", "mode": "min"}, "export": {"name": "cap-served"}}
+    for key, value in over.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+    return parse_train_config(base)
+
+
+def test_descriptions_parse_back_to_their_models_facts():
+    for seed in range(40):
+        data = generate_cad_json(seed)
+        model = parse_cad(data)
+        facts = parse_description(describe_cad(data))
+        assert facts.extrusions == len(model.extrudes)
+        assert facts.operations == tuple(e.operation for e in model.extrudes)
+        size = tuple(float(v) for v in model.bbox[1] - model.bbox[0])
+        assert size_within(facts.size, size, 1e-3)
+        assert len(facts.shapes) >= len(model.extrudes)
+    cut = parse_description("The part is built from 2 extrusions. Its overall size is 0.5 × 0")
+    assert cut.extrusions == 2 and cut.size is None and cut.operations == ()
+
+
+def test_splits_hold_out_whole_cad_models(dataset, tmp_path):
+    cfg = caption_config(dataset)
+    task = build_task(cfg, Runtime(torch.device("cpu"), DistInfo(), False, tmp_path))
+    task.load()
+    ds = read_llava(str(dataset))
+    models = {name: {ds.model_id(r) for r in split.records} for name, split in
+              (("train", task.train), ("val", task.val), ("test", task.test))}
+    assert not (models["train"] & models["val"]) and not (models["train"] & models["test"])
+    assert models["test"] == {ds.model_id(r) for r in ds.records["val"]}  # the converter's held-out models
+    assert len(models["val"]) == round(0.2 * (len(models["train"]) + len(models["val"])))
+    # The shuffled pairing never gives a record a view of its own part.
+    for split in (task.train, task.val):
+        assert all(ds.model_id(split.records[i]) != ds.model_id(split.records[j]) for i, j in enumerate(split.other))
+    # The tokenizer saw the training text only, yet held-out text round-trips.
+    for record in task.test.records:
+        answer = human_and_answer(record)[1]
+        assert task.tokenizer.decode(task.tokenizer.encode(answer)) == answer
+
+
+def test_config_requires_captioning_data(dataset):
+    with pytest.raises(ValueError, match="captioning models train on kind=tinyllava"):
+        caption_config(dataset, data={"kind": "mnist"})
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cap-run")
+    store = open_store(root / "store")
+    result = Engine(caption_config(dataset), "cap-run-1", store=store, tracking=False).run()
+    return {"store": store, "result": result}
+
+
+def test_the_run_reports_held_out_figures_and_publishes_the_tokenizer(trained):
+    result = trained["result"]
+    assert result.state == "SUCCEEDED", result.message
+    m = result.final_metrics
+    for key in ("test_loss", "test_loss_shuffled", "test_image_gap", "test_extrusion_acc",
+                "test_extrusion_majority_acc", "test_operations_acc", "test_size_within_10pct", "test_bleu",
+                "test_chrf"):
+        assert np.isfinite(m[key]), key
+    assert m["test_described"] == 12
+    assert m["test_image_gap"] == pytest.approx(m["test_loss_shuffled"] - m["test_loss"])
+    row = result.history[-1]
+    assert {"train_loss", "val_loss", "val_loss_shuffled", "val_image_gap", "overfit_gap"} <= set(row)
+    card = read_card(trained["store"], "cap-served", 1)
+    assert card.task == "captioning" and card.files == [TOKENIZER_FILE] and card.input_size == [3, 64, 64]
+    assert card.generation["max_new_tokens"] == 40 and card.generation["prompt"].startswith("<image>\n")
+    model, _ = load_published(trained["store"], "cap-served", 1)
+    assert model.tokenizer.vocab_size == card.model_kwargs["vocab_size"]
+
+
+def test_a_card_listing_a_missing_file_fails_to_load(trained, tmp_path):
+    store = open_store(tmp_path)
+    card = read_card(trained["store"], "cap-served", 1)
+    prefix = "models/cap-served/1"
+    files = {name: trained["store"].get_verified(prefix, name) for name in ("model.safetensors", "model_card.json")}
+    store.publish(prefix, files)  # the tokenizer left behind
+    with pytest.raises(IntegrityError, match=TOKENIZER_FILE):
+        load_published(store, "cap-served", 1)
+    assert card.files == [TOKENIZER_FILE]
+
+
+def _views(dataset: Path, n: int) -> tuple[np.ndarray, list[bytes]]:
+    ds = read_llava(str(dataset))
+    records = ds.records["val"][:n]
+    blobs = [ds.image_store.get_bytes(f"{ds.image_prefix}/images/{r['image']}") for r in records]
+    arrays = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+    return arrays, blobs
+
+
+@pytest.fixture(scope="module")
+def served(trained):
+    repo = ModelRepository(trained["store"], max_batch_size=4, max_queue_delay_ms=2.0)
+    host, _ = start_server(repo, [ModelRef("cap-served")])
+    address = f"127.0.0.1:{host.port}"
+    wait_serving(address, deadline_s=120)
+    yield address
+    host.stop(grace=2)
+    repo.close()
+
+
+def test_served_captioner_gives_the_in_process_text(served, trained, dataset, tmp_path):
+    arrays, blobs = _views(dataset, 5)
+    model, card = load_published(trained["store"], "cap-served", 1)
+    expected = signature_for(card, model)(torch.from_numpy(arrays).permute(0, 3, 1, 2))[TEXT]
+    assert len(expected) == 5 and all(isinstance(t, str) and t for t in expected)
+    with InferenceClient(served) as client:
+        meta = client.model_metadata("cap-served")
+        assert [(t.name, t.datatype) for t in meta.inputs] == [("images", "UINT8"), ("encoded", "BYTES")]
+        assert [(t.name, t.datatype) for t in meta.outputs] == [("text", "BYTES")]
+        assert client.describe("cap-served", arrays) == expected
+        # PNG bytes are decoded and area-averaged exactly as the raw pixels are.
+        assert client.describe("cap-served", blobs) == expected
+        # One view per request goes through the dynamic batcher: each gets its own text.
+        assert [client.describe("cap-served", arrays[i:i + 1])[0] for i in range(3)] == expected[:3]
+        with pytest.raises(InvalidArgument):
+            client.describe("cap-served", [b"not an image"])
+        with pytest.raises(InvalidArgument):
+            client.describe("cap-served", np.zeros((1, 32, 32, 4), np.uint8))
+    paths = []
+    for i, blob in enumerate(blobs[:2]):
+        paths.append(tmp_path / f"view{i}.png")
+        paths[-1].write_bytes(blob)
+    printed = cmd_predict(served, "cap-served", None, [str(p) for p in paths])
+    assert printed.splitlines() == [str(paths[0]), f"  {expected[0]}", str(paths[1]), f"  {expected[1]}"]
+
+
+def test_mlflow_pyfunc_gives_the_same_text(trained, dataset, tmp_path):
+    import mlflow
+
+    from shared.tracking.pyfunc import save_pyfunc_model
+
+    arrays, _ = _views(dataset, 3)
+    store, prefix = trained["store"], "models/cap-served/1"
+    card = read_card(store, "cap-served", 1)
+    path = save_pyfunc_model(tmp_path / "pyfunc", card, store.get_verified(prefix, "model.safetensors"),
+                             {TOKENIZER_FILE: store.get_verified(prefix, TOKENIZER_FILE)})
+    frame = mlflow.pyfunc.load_model(str(path)).predict(arrays)
+    model, _ = load_published(store, "cap-served", 1)
+    expected = signature_for(card, model)(torch.from_numpy(arrays).permute(0, 3, 1, 2))[TEXT]
+    assert frame["text"].tolist() == expected
+    assert json.loads((path / "MLmodel").read_text().split("outputs: '")[1].split("'\n")[0])[0]["name"] == "text"
