@@ -15,11 +15,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraSpec(_Strict):
+    """Fine-tune a published model with LoRA adapters (peft): only the adapters train, the base stays bitwise."""
+    base: str = Field(min_length=1)  # the published base: store:models/<name>/<version> or models/<name>/<version>
+    r: int = Field(8, ge=1, le=256)
+    alpha: int | None = Field(None, ge=1)  # default 2 r
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
 class ModelConfig(_Strict):
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     # A local .safetensors/.pth file with backbone weights (transfer learning); never downloaded.
     pretrained_path: str | None = None
+    # LoRA fine-tuning of a published model of architecture ``name`` (its weights, kwargs and tokenizer).
+    lora: LoraSpec | None = None
 
 
 class AugmentConfig(_Strict):
@@ -194,7 +205,7 @@ class UnfreezeStep(_Strict):
 
 class CaptionConfig(_Strict):
     """task=captioning: the tokenizer trained on the run's training text, sequence bounds, generation."""
-    vocab_size: int = Field(1024, ge=261, le=65536)  # 256 byte tokens + 5 special tokens at least
+    vocab_size: int = Field(1536, ge=261, le=65536)  # 256 byte tokens + 5 special tokens at least
     max_len: int = Field(384, ge=8, le=4096)
     # Generation when evaluating held-out samples and when served (the model card records these).
     max_new_tokens: int = Field(256, ge=1, le=1024)

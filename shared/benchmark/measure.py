@@ -116,6 +116,10 @@ class ModelResult(BaseModel):
     accuracy_samples: int | None = None
     accuracy_error: str | None = None
 
+    # Text generators (captioning models): greedy decoding of one image, wall time per generated token.
+    ms_per_token: float | None = None
+    generation_error: str | None = None
+
     hardware: HardwareInfo | None = None
     mlflow_run_id: str | None = None
     tracking_error: str | None = None
@@ -125,7 +129,7 @@ class ModelResult(BaseModel):
         """Every measured figure as a flat metric dict (for MLflow)."""
         names = ("gmacs", "gflops", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_mean_ms",
                  "latency_cpu_p50_ms", "cpu_share", "peak_memory_mb", "size_fp32_mb", "size_int8_mb",
-                 "int8_latency_p50_ms", "accuracy_fp32", "accuracy_int8", "accuracy_delta")
+                 "int8_latency_p50_ms", "accuracy_fp32", "accuracy_int8", "accuracy_delta", "ms_per_token")
         out = {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
         if self.params_total is not None:
             out["params_m"] = self.params_total / 1e6
@@ -167,6 +171,23 @@ def time_batch1(model: nn.Module, shape: tuple[int, ...], device: torch.device, 
 # Below this share of its threads' CPU during the latency loop, the machine was busy and the wall-clock
 # latencies are inflated by waiting for a core.
 BUSY_CPU_SHARE = 0.9
+
+
+def time_generation(model: nn.Module, shape: tuple[int, ...], device: torch.device, tokens: int = 64,
+                    repeats: int = 3) -> float:
+    """Median ms per generated token of greedy decoding for one image (``tokens`` steps from BOS, EOS never
+    matched so every run decodes all of them): the encoder once, then one decoder step per token."""
+    x = torch.randn(1, *shape, device=device)
+    per_token = []
+    with torch.inference_mode():
+        model.generate(x, max_new_tokens=4, eos_id=-1)  # warm-up
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model.generate(x, max_new_tokens=tokens, eos_id=-1)
+            _sync(device)
+            per_token.append(1000 * (time.perf_counter() - t0) / out.shape[1])
+    return float(np.median(per_token))
 
 
 def measure_throughput(model: nn.Module, shape: tuple[int, ...], batch_size: int, device: torch.device,
@@ -401,6 +422,12 @@ def measure_model(spec: MeasureSpec) -> ModelResult:
                 result.accuracy_delta = result.accuracy_int8 - result.accuracy_fp32
         except Exception as exc:
             result.accuracy_error = _err(exc)
+
+    if hasattr(model, "generate") and hasattr(model, "image_token_id"):
+        try:
+            result.ms_per_token = time_generation(cpu_model.to(device), shape, device)
+        except Exception as exc:
+            result.generation_error = _err(exc)
 
     result.duration_s = time.perf_counter() - started
     return result

@@ -54,3 +54,41 @@ def size_within(predicted: tuple[float, ...] | None, truth: tuple[float, ...] | 
     if predicted is None or truth is None:
         return False
     return all(abs(p - t) <= tolerance * abs(t) for p, t in zip(predicted, truth, strict=True))
+
+
+# Image-level facts as class targets (``fact_targets``): what views show of a part, for a captioner's auxiliary
+# heads. Each group is one categorical target: the extrusion count (counts above MAX_EXTRUSIONS share the last
+# class), the first sketch plane's normal axis, and per step (up to MAX_EXTRUSIONS) its operation and its first
+# sketched shape, "none" past the last step.
+MAX_EXTRUSIONS = 4
+SHAPE_KINDS = ("circle", "square", "rectangle", "triangle", "polygon", "slot", "rounded rectangle", "outline")
+OPERATION_KINDS = ("new", "join", "cut", "intersect")
+PLANE_AXES = ("X", "Y", "Z", "inclined")
+FACT_GROUPS: tuple[int, ...] = (MAX_EXTRUSIONS, len(PLANE_AXES), *[len(OPERATION_KINDS) + 1] * MAX_EXTRUSIONS,
+                                *[len(SHAPE_KINDS) + 1] * MAX_EXTRUSIONS)
+_STEP = re.compile(r"Step \d+: ")
+_PLANE = re.compile(r"on (?:the|a plane parallel to) (XY|XZ|YZ)\b|on an (inclined) plane")
+_NORMAL_OF_PLANE = {"YZ": "X", "XZ": "Y", "XY": "Z"}
+
+
+def fact_targets(text: str) -> list[int]:
+    """One class index per FACT_GROUPS entry; -1 where the text does not say (a description cut short)."""
+    facts = parse_description(text)
+    count = min(facts.extrusions, MAX_EXTRUSIONS) - 1 if facts.extrusions else -1
+    plane = _PLANE.search(text)
+    axis = -1 if plane is None else PLANE_AXES.index(_NORMAL_OF_PLANE[plane.group(1)] if plane.group(1)
+                                                     else "inclined")
+    steps = _STEP.split(text)[1:]
+    ops, shapes = [], []
+    for k in range(MAX_EXTRUSIONS):
+        if k >= len(steps):  # past the last step: "none", when the count says the text ended there
+            none = k >= (facts.extrusions or MAX_EXTRUSIONS + 1)
+            ops.append(len(OPERATION_KINDS) if none else -1)
+            shapes.append(len(SHAPE_KINDS) if none else -1)
+            continue
+        op = _OPERATION.search(steps[k])
+        shape = _SHAPE.search(steps[k])
+        ops.append(OPERATION_KINDS.index(_OPERATIONS[op.group(0)]) if op else -1)
+        kind = _kind(shape.group(1)) if shape else None
+        shapes.append(SHAPE_KINDS.index(kind) if kind in SHAPE_KINDS else -1)
+    return [count, axis, *ops, *shapes]

@@ -13,6 +13,7 @@ from shared.models.summary import LayerRow, Summary, count_params, model_summary
 from shared.models import mnist as _mnist  # noqa: E402,F401  isort: skip
 from shared.models import video as _video  # noqa: E402,F401  isort: skip
 from shared.models import captioner as _captioner  # noqa: E402,F401  isort: skip
+from shared.models import lm as _lm  # noqa: E402,F401  isort: skip
 from shared.models.logo import (  # noqa: E402  isort: skip
     HEADS,
     backbone_stages,

@@ -14,12 +14,16 @@ projection (E) -> vocabulary logits. The image conditions the decoder four ways:
 - the pooled features are added to every input embedding: the same as concatenating them to each input
   (the GRU's input map is linear), without paying for a wider input at every step;
 - each output reads a dot-product attention over the 16 cells of the feature map (Luong-style, after the
-  GRU, so all steps attend in one batched matmul).
+  GRU, so all steps attend in one batched matmul);
+- facts heads on the pooled features predict what a view shows of the part (extrusion count, first sketch
+  plane, each step's operation and shape: ``shared.cad.descriptions.fact_targets``), trained beside the text
+  with ``facts_weight``, and their predicted distributions are added into the initial hidden state and into
+  every step's input, so the decoder reads them where it writes them.
 ``loss`` computes logits only at labelled positions: the vocabulary projection is the largest per-token
 cost after the recurrence, and the instruction and padding need none.
 
 Default config (vocab 1024, image 64, channels 16-32-64-128 with a second conv at 8x8, E 64, H 128,
-attention 64): 656,976 parameters; the flattened-map -> hidden layer holds 262,272 of them, cheap because
+attention 64): 677,520 parameters; the flattened-map -> hidden layer holds 262,272 of them, cheap because
 it runs once per sample, not per token.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.cad.descriptions import FACT_GROUPS, fact_targets
 from shared.errors import InvalidArgument
 from shared.models.registry import register_model
 from shared.text.conversation import IGNORE_INDEX, prompt_ids
@@ -55,7 +60,7 @@ def preprocess_images(images: torch.Tensor, size: int = 64) -> torch.Tensor:
 
 @contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout, BatchNorm running statistics) for the duration, then the previous mode."""
+    """Eval mode (no dropout) for the duration, then the previous mode."""
     was_training = model.training
     model.eval()
     try:
@@ -64,8 +69,12 @@ def _eval(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_norm(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    # GroupNorm, not BatchNorm: training batches are bucketed by length, and a description's length follows the
+    # part's extrusion count, so a batch's statistics would tell the count in training and not at inference
+    # (BatchNorm here left the count head at chance on validation).
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(8, cout),
+            nn.ReLU(inplace=True)]
 
 
 class ImageEncoder(nn.Module):
@@ -79,9 +88,9 @@ class ImageEncoder(nn.Module):
         layers: list[nn.Module] = []
         cin = 3
         for i, cout in enumerate(channels):
-            layers += _conv_bn(cin, cout, 2)
+            layers += _conv_norm(cin, cout, 2)
             if i in double:
-                layers += _conv_bn(cout, cout, 1)
+                layers += _conv_norm(cout, cout, 1)
             cin = cout
         self.net = nn.Sequential(*layers)
         self.out_channels = cin
@@ -91,45 +100,27 @@ class ImageEncoder(nn.Module):
         return self.net(x)
 
 
-class CadCaptioner(nn.Module):
-    def __init__(self, vocab_size: int = 1024, image_size: int = 64, channels: tuple[int, ...] = (16, 32, 64, 128),
-                 double: tuple[int, ...] = (2,), embed_dim: int = 64, hidden_dim: int = 128, attn_dim: int = 64,
-                 dropout: float = 0.1, image_token_id: int = 4):
-        super().__init__()
-        # image_token_id: the tokenizer's <image> id (4 in every shared.text tokenizer).
-        self.vocab_size, self.image_size, self.image_token_id = vocab_size, image_size, image_token_id
-        self.encoder = ImageEncoder(tuple(channels), tuple(double))
-        if image_size % self.encoder.stride:
-            raise InvalidArgument(f"image_size must be a multiple of {self.encoder.stride}, got {image_size}")
-        c, cells = self.encoder.out_channels, (image_size // self.encoder.stride) ** 2
-        # The initial state sees the whole flattened map, so it knows where things are, not only what;
-        # a per-sample linear layer, so its parameters cost almost nothing per token.
-        self.init_hidden = nn.Linear(c * cells, hidden_dim)
-        self.image_bias = nn.Linear(c, embed_dim)
-        # LLaVA-style: the <image> placeholder's input embedding is replaced by a projection of the image.
-        self.image_token = nn.Linear(hidden_dim, embed_dim)
-        self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.gru = nn.GRU(embed_dim, hidden_dim, batch_first=True)
-        self.attn_query = nn.Linear(hidden_dim, attn_dim, bias=False)
-        self.attn_key = nn.Linear(c, attn_dim, bias=False)
-        self.attn_value = nn.Linear(c, attn_dim, bias=False)
-        self.pre_out = nn.Linear(hidden_dim + attn_dim, embed_dim)
-        self.out = nn.Linear(embed_dim, vocab_size)
-        self.drop = nn.Dropout(dropout)
-        # Not a parameter: trained on the training split's text, published beside the weights (TOKENIZER_FILE)
-        # and attached by ``load_files`` when a published model is rebuilt.
-        self.tokenizer: Tokenizer | None = None
+class TextGenerator:
+    """What every captioning model (``task: captioning``) shares: its tokenizer and the text in and out.
+
+    The tokenizer is not a parameter: it is trained on the training split's text, published beside the weights
+    (TOKENIZER_FILE) and attached by ``load_files`` when a published model is rebuilt. The model provides
+    ``vocab_size``, ``image_token_id``, ``image_size`` and ``generate(images, max_new_tokens=, bos_id=, eos_id=,
+    num_beams=, prompts=, pad_id=, length_penalty=)``.
+    """
+
+    tokenizer: Tokenizer | None
 
     # ---- the files published beside the weights (shared.modelcard) ----
 
     def export_files(self) -> dict[str, bytes]:
         if self.tokenizer is None:
-            raise InvalidArgument("cad_captioner has no tokenizer attached: nothing can decode its output")
+            raise InvalidArgument("the model has no tokenizer attached: nothing can decode its output")
         return {TOKENIZER_FILE: self.tokenizer.to_bytes()}
 
     def load_files(self, files: dict[str, bytes]) -> None:
         if TOKENIZER_FILE not in files:
-            raise InvalidArgument(f"a published cad_captioner needs {TOKENIZER_FILE} beside its weights")
+            raise InvalidArgument(f"a published captioning model needs {TOKENIZER_FILE} beside its weights")
         tokenizer = Tokenizer.from_bytes(files[TOKENIZER_FILE], TOKENIZER_FILE)
         if tokenizer.vocab_size != self.vocab_size or tokenizer.image_id != self.image_token_id:
             raise InvalidArgument(f"{TOKENIZER_FILE} has {tokenizer.vocab_size} tokens (image id {tokenizer.image_id}"
@@ -142,11 +133,47 @@ class CadCaptioner(nn.Module):
         """Text for each image (float, as ``preprocess_images`` makes them) after its human prompt."""
         tok = self.tokenizer
         if tok is None:
-            raise InvalidArgument("cad_captioner has no tokenizer attached")
+            raise InvalidArgument("the model has no tokenizer attached")
         ids = self.generate(images, max_new_tokens=max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id,
                             num_beams=num_beams, prompts=[prompt_ids(p, tok) for p in prompts], pad_id=tok.pad_id,
                             length_penalty=length_penalty)
         return [tok.decode(row) for row in ids.tolist()]
+
+
+class CadCaptioner(TextGenerator, nn.Module):
+    def __init__(self, vocab_size: int = 1536, image_size: int = 64, channels: tuple[int, ...] = (16, 32, 64, 128),
+                 double: tuple[int, ...] = (2,), embed_dim: int = 64, hidden_dim: int = 128, attn_dim: int = 64,
+                 dropout: float = 0.1, image_token_id: int = 4, facts_weight: float = 1.0):
+        super().__init__()
+        # image_token_id: the tokenizer's <image> id (4 in every shared.text tokenizer).
+        self.vocab_size, self.image_size, self.image_token_id = vocab_size, image_size, image_token_id
+        self.encoder = ImageEncoder(tuple(channels), tuple(double))
+        if image_size % self.encoder.stride:
+            raise InvalidArgument(f"image_size must be a multiple of {self.encoder.stride}, got {image_size}")
+        c, cells = self.encoder.out_channels, (image_size // self.encoder.stride) ** 2
+        # The initial state sees the whole flattened map, so it knows where things are, not only what;
+        # a per-sample linear layer, so its parameters cost almost nothing per token.
+        # (a 1x1 conv to 64 channels first halves it: the flattened 128-channel map would need 262K weights)
+        self.init_reduce = nn.Conv2d(c, 64, 1)
+        self.init_hidden = nn.Linear(64 * cells, hidden_dim)
+        self.image_bias = nn.Linear(c, embed_dim)
+        # LLaVA-style: the <image> placeholder's input embedding is replaced by a projection of the image.
+        self.image_token = nn.Linear(hidden_dim, embed_dim)
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.gru = nn.GRU(embed_dim, hidden_dim, batch_first=True)
+        self.attn_query = nn.Linear(hidden_dim, attn_dim, bias=False)
+        self.attn_key = nn.Linear(c, attn_dim, bias=False)
+        self.attn_value = nn.Linear(c, attn_dim, bias=False)
+        self.pre_out = nn.Linear(hidden_dim + attn_dim, embed_dim)
+        self.out = nn.Linear(embed_dim, vocab_size)
+        self.drop = nn.Dropout(dropout)
+        # Facts heads: the pooled image predicts the part's extrusion count, first sketch shape and operations
+        # (shared.cad.descriptions.fact_targets), and the decoder starts from those predictions too. See ``loss``.
+        self.facts_weight, self.fact_groups = facts_weight, FACT_GROUPS
+        self.facts_head = nn.Linear(c, sum(FACT_GROUPS))
+        self.facts_in = nn.Linear(sum(FACT_GROUPS), hidden_dim, bias=False)
+        self.facts_embed = nn.Linear(sum(FACT_GROUPS), embed_dim, bias=False)
+        self.tokenizer: Tokenizer | None = None
 
     # ---- pieces shared by training and generation ----
 
@@ -158,11 +185,16 @@ class CadCaptioner(nn.Module):
                                   f"got {tuple(images.shape)}")
         fmap = self.encoder(images)
         cells = fmap.flatten(2).transpose(1, 2)  # (B, cells, C)
-        code = self.init_hidden(self.drop(fmap.flatten(1)))
+        pooled = cells.mean(1)
+        facts = self.facts_head(self.drop(pooled))
+        beliefs = torch.cat([group.softmax(1) for group in facts.split(FACT_GROUPS, dim=1)], dim=1)
+        code = self.init_hidden(self.drop(self.init_reduce(fmap).flatten(1))) + self.facts_in(beliefs)
         return {
             "h0": code[None],
             "token": self.image_token(code)[:, None],
-            "bias": self.image_bias(cells.mean(1))[:, None],
+            # Into every step's input too: the state from h0 fades over the ~100 steps of a description.
+            "bias": (self.image_bias(pooled) + self.facts_embed(beliefs))[:, None],
+            "facts": facts,
             "keys": self.attn_key(cells),
             "values": self.attn_value(cells),
         }
@@ -192,7 +224,8 @@ class CadCaptioner(nn.Module):
         h, _ = self._run(state, input_ids, state["h0"])
         return self.out(self._features(state, h))
 
-    def loss(self, images: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, images: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+             facts: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over labelled tokens (labels aligned with input_ids, IGNORE_INDEX skipped).
 
         In eval mode the same value as cross_entropy(forward(...)[:, :-1], labels[:, 1:]), but logits are
@@ -202,7 +235,20 @@ class CadCaptioner(nn.Module):
         h, _ = self._run(state, input_ids, state["h0"])
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
-        return F.cross_entropy(self.out(self._features(state, h[:, :-1])[keep]), target[keep])
+        ce = F.cross_entropy(self.out(self._features(state, h[:, :-1])[keep]), target[keep])
+        if not self.training or facts is None or self.facts_weight == 0:
+            return ce
+        # In training, plus facts_weight x the facts heads' loss: teacher forcing alone learns the text's language
+        # model first and reads the image late and little (0.2 nats per description on text tokens after 8
+        # epochs); the heads give the encoder a direct signal of what a view shows from the first step.
+        groups = state["facts"].split(FACT_GROUPS, dim=1)
+        aux = sum(F.cross_entropy(g, facts[:, i], ignore_index=-1) for i, g in enumerate(groups))
+        return ce + self.facts_weight * aux
+
+    @staticmethod
+    def fact_targets(answers: list[str]) -> torch.Tensor:
+        """(B, len(FACT_GROUPS)) int64 class targets of the answers (-1 where a text does not say)."""
+        return torch.tensor([fact_targets(a) for a in answers], dtype=torch.long)
 
     # ---- generation ----
 
@@ -337,9 +383,9 @@ class CadCaptioner(nn.Module):
 
 
 @register_model
-def cad_captioner(vocab_size: int = 1024, image_size: int = 64, channels: tuple[int, ...] = (16, 32, 64, 128),
+def cad_captioner(vocab_size: int = 1536, image_size: int = 64, channels: tuple[int, ...] = (16, 32, 64, 128),
                   double: tuple[int, ...] = (2,), embed_dim: int = 64, hidden_dim: int = 128, attn_dim: int = 64,
-                  dropout: float = 0.1, image_token_id: int = 4) -> nn.Module:
-    """CNN encoder + image-conditioned GRU decoder for CAD view -> text, 656,976 params at the defaults."""
+                  dropout: float = 0.1, image_token_id: int = 4, facts_weight: float = 1.0) -> nn.Module:
+    """CNN encoder + image-conditioned GRU decoder for CAD view -> text, 677,520 params at the defaults."""
     return CadCaptioner(vocab_size, image_size, channels, double, embed_dim, hidden_dim, attn_dim, dropout,
-                        image_token_id)
+                        image_token_id, facts_weight)

@@ -30,14 +30,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.models.captioner import TextGenerator
 from shared.models.registry import register_model
+from shared.text.conversation import IGNORE_INDEX
 
 FINGERPRINT_FILE = "base_fingerprint.json"
 
 
 @dataclass
 class LMConfig:
-    vocab_size: int = 1024
+    vocab_size: int = 1536
     dim: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -47,6 +49,7 @@ class LMConfig:
     encoder_channels: tuple[int, ...] = field(default=(16, 32, 64))
     prefix_tokens: int = 4  # a square number: the feature map is pooled to sqrt x sqrt cells
     dropout: float = 0.0
+    image_token_id: int = 4  # the tokenizer's <image> id (4 in every shared.text tokenizer)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LMConfig:
@@ -115,13 +118,19 @@ class Block(nn.Module):
         return x + self.drop(self.down_proj(F.gelu(self.up_proj(self.norm2(x)))))
 
 
-class ImagePrefixLM(nn.Module):
-    """Decoder-only transformer over [image prefix ; text tokens]; forward(images, input_ids) -> text logits."""
+class ImagePrefixLM(TextGenerator, nn.Module):
+    """Decoder-only transformer over [image prefix ; text tokens]; forward(images, input_ids) -> text logits.
+
+    A captioning model like ``cad_captioner`` (``loss``, ``generate``, ``describe``, its tokenizer published
+    beside the weights), so the platform trains, evaluates and serves it the same way, LoRA-tuned or not.
+    """
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
         cfg.validate()
         self.config = cfg
+        self.vocab_size, self.image_token_id, self.image_size = cfg.vocab_size, cfg.image_token_id, cfg.image_size
+        self.tokenizer = None
         self.image_prefix = ImagePrefix(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Parameter(torch.zeros(cfg.prefix_tokens + cfg.max_len, cfg.dim))
@@ -130,8 +139,11 @@ class ImagePrefixLM(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
         nn.init.normal_(self.pos, std=0.02)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for the text positions: position t predicts token t + 1."""
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for the text positions: position t predicts token t + 1. Without ``input_ids``, one
+        BOS (id 1): the cost of the first generated token, what a model summary and a FLOP count measure."""
+        if input_ids is None:
+            input_ids = torch.ones(images.shape[0], 1, dtype=torch.long, device=images.device)
         if input_ids.shape[1] > self.config.max_len:
             raise InvalidArgument(f"sequence of {input_ids.shape[1]} tokens exceeds max_len {self.config.max_len}")
         x = torch.cat([self.image_prefix(images), self.embed(input_ids)], dim=1)
@@ -139,6 +151,66 @@ class ImagePrefixLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x[:, self.config.prefix_tokens:]))
+
+    def loss(self, images: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+             facts: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy over labelled tokens (labels aligned with input_ids; IGNORE_INDEX skipped)."""
+        logits = self(images, input_ids)[:, :-1]
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        return F.cross_entropy(logits[keep], target[keep])
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, max_new_tokens: int = 256, bos_id: int = 1, eos_id: int = 2,
+                 num_beams: int = 1, prompts: list[list[int]] | None = None, pad_id: int = 0,
+                 length_penalty: float = 1.0) -> torch.Tensor:
+        """Greedy decoding after each prompt (B, L <= max_new_tokens), EOS included when reached, pad_id after it.
+
+        Prompts of different lengths share one right-padded buffer: attention is causal, so what follows a
+        sample's last real token never changes its logits there. No key/value cache: the whole buffer is run
+        again each step, which at these sizes costs less than the bookkeeping would save.
+        """
+        if num_beams != 1:
+            raise InvalidArgument("cad_prefix_lm decodes greedily: num_beams must be 1")
+        if max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens must be at least 1")
+        b = images.shape[0]
+        prompts = prompts if prompts is not None else [[bos_id]] * b
+        if len(prompts) != b or not all(prompts):
+            raise InvalidArgument(f"need one non-empty prompt per image ({b}), got {len(prompts)}")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.config.max_len:
+            max_new_tokens = self.config.max_len - longest
+            if max_new_tokens < 1:
+                raise InvalidArgument(f"a prompt of {longest} tokens leaves no room in max_len {self.config.max_len}")
+        was_training = self.training
+        self.eval()
+        try:
+            buf = torch.full((b, longest + max_new_tokens), pad_id, dtype=torch.long, device=images.device)
+            for i, p in enumerate(prompts):
+                buf[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+            lengths = torch.tensor([len(p) for p in prompts], device=images.device)
+            prefix = self.image_prefix(images)
+            done = torch.zeros(b, dtype=torch.bool, device=images.device)
+            rows = torch.arange(b, device=images.device)
+            steps: list[torch.Tensor] = []
+            for _ in range(max_new_tokens):
+                x = torch.cat([prefix, self.embed(buf[:, :int(lengths.max())])], dim=1)
+                x = x + self.pos[: x.shape[1]]
+                for block in self.blocks:
+                    x = block(x)
+                h = x[rows, self.config.prefix_tokens + lengths - 1]
+                token = self.lm_head(self.norm(h)).argmax(-1)
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                steps.append(token)
+                done |= token == eos_id
+                if bool(done.all()):
+                    break
+                buf[rows, lengths] = token
+                lengths = lengths + 1
+            return torch.stack(steps, dim=1)
+        finally:
+            self.train(was_training)
 
 
 def build_lm(config: LMConfig | dict[str, Any] | None = None, seed: int | None = None) -> ImagePrefixLM:
@@ -214,6 +286,45 @@ def load_adapter(base: nn.Module, directory: str | Path, trainable: bool = False
         if base_fingerprint(base) != expected:
             raise FailedPrecondition(f"adapter in {directory} was trained on another base model (weights differ)")
     return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", FINGERPRINT_FILE)
+
+
+def adapter_files(model: PeftModel) -> dict[str, bytes]:
+    """The adapter as the files ``save_adapter`` writes (published beside a LoRA-tuned model's merged weights)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, tmp)
+        return {name: (Path(tmp) / name).read_bytes() for name in ADAPTER_FILES}
+
+
+def merged_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base's state dict with the adapters folded in (W + B A * alpha / r), ``model`` left as it is."""
+    import copy
+
+    return {k: v.detach().cpu().contiguous() for k, v in copy.deepcopy(model).merge_and_unload().state_dict().items()}
+
+
+def load_published_adapter(store, name: str, version: int | None = None) -> PeftModel:
+    """A published LoRA-tuned model as its base (the published model its card names) plus its adapter, unmerged;
+    refuses a base whose weights are not the ones the adapter was trained on."""
+    import tempfile
+
+    from shared.modelcard import load_published, model_prefix, parse_model_ref, read_card
+
+    card = read_card(store, name, version)
+    base_ref = getattr(card, "base_model", None)
+    if not base_ref:
+        raise FailedPrecondition(f"model {name}:{card.version} is not LoRA-tuned (its card names no base_model)")
+    ref = parse_model_ref(base_ref)
+    base, _ = load_published(store, ref.name, ref.resolve(store))
+    prefix = model_prefix(name, card.version)
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in ADAPTER_FILES:
+            (Path(tmp) / file).write_bytes(store.get_verified(prefix, file))
+        return load_adapter(base, tmp)
 
 
 def merge(model: PeftModel) -> nn.Module:

@@ -1,14 +1,15 @@
 """Byte-level BPE tokenizer for the CAD descriptions, trained on the training split only (nothing downloaded).
 
-Why byte-level BPE with numbers cut into digit pairs rather than a character vocabulary:
+Why byte-level BPE with numbers cut into short pieces rather than a character vocabulary:
 - byte-level: every string encodes (the base alphabet is the 256 bytes), so no text is ever unknown
   and ``decode(encode(t)) == t`` for any ``t`` that holds no special-token string;
-- numbers are split off before BPE (a regex pre-tokenizer isolates "one or two digits and a point", else
-  one or two digits), so a token never holds more than two digits nor a digit and a letter: "0.5764" is
-  "0." "57" "64". Numbers round-trip exactly, and the model learns 100 pair tokens instead of thousands of
-  number tokens. Four of five tokens of a description are its numbers' (95 of 117 with one token per
-  digit): pairs cut the sequence to ~82 tokens, and the sequence length is what a GRU pays for step by step
-  (training runs ~1.5x faster than with single digits);
+- numbers are split off before BPE by a regex pre-tokenizer (NUMBER_PIECE): an integer part of one or two
+  digits with its point and up to two decimals, then pairs of digits: "0.5764" is "0.57" "64". A token never
+  mixes digits with letters nor holds more than three digits, so numbers round-trip exactly, and the first
+  piece of a number carries its two leading digits: the magnitude a view can show, in one decision, the
+  rest in the next. Four of five characters' worth of a description is numbers: with one token per digit a
+  description is ~117 tokens, with these pieces and a 1,536 vocabulary ~57; the sequence length is what a
+  GRU pays for step by step;
 - between numbers no whitespace pre-split is done, so merges may cross words: the descriptions are
   templated ("Extrude it symmetrically by ", " (normal -Z), sketch a circle of diameter "), and whole
   phrases become single tokens.
@@ -30,12 +31,12 @@ PAD, BOS, EOS, SEP, IMAGE = "<pad>", "<s>", "</s>", "<sep>", "<image>"
 # Fixed order, so the special ids are 0..4 in every trained tokenizer. IMAGE is the literal LLaVA
 # placeholder: "<image>" in a human turn encodes straight to its id.
 SPECIAL_TOKENS = (PAD, BOS, EOS, SEP, IMAGE)
-DEFAULT_VOCAB_SIZE = 1024
-NUMBER_PIECE = r"\d{1,2}\.|\d{1,2}"
+DEFAULT_VOCAB_SIZE = 1536
+NUMBER_PIECE = r"\d{1,2}\.\d{1,2}|\d{1,2}\.|\d{1,2}"
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # Isolate number pieces ("0.", "57"), then map bytes to the byte-level alphabet with no further splitting.
+    # Isolate number pieces ("0.57", "64"), then map bytes to the byte-level alphabet with no further splitting.
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(NUMBER_PIECE), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from timm.utils import ModelEmaV3
 
 from services.train import checkpoint as ckpt
@@ -33,7 +34,7 @@ from services.train.engine.state import RunState
 from services.train.engine.tasks import Evaluation, Runtime, Task, build_task
 from services.train.events import EventWriter, default_events_path
 from shared.config import config_hash
-from shared.errors import Cancelled, FailedPrecondition
+from shared.errors import Cancelled, FailedPrecondition, InvalidArgument
 from shared.logs import get_logger
 from shared.names import validate_name
 
@@ -114,11 +115,24 @@ class Engine:
         amp = cfg.amp and device.type == "cuda"
         if cfg.amp and not amp:
             log.info("amp requested but the device is CPU: training in float32", extra={"run_id": self.run_id})
-        return Runtime(device=device, dist=self.dist, amp=amp, cache_root=self.settings.home / "cache" / "datasets")
+        return Runtime(device=device, dist=self.dist, amp=amp, cache_root=self.settings.home / "cache" / "datasets",
+                       store=self.store)
 
     def _build_model(self, task: Task) -> tuple[torch.nn.Module, dict]:
         from shared.models import create_model
 
+        lora = self.cfg.model.lora
+        if lora is not None:
+            # The published base, its kwargs and files (tokenizer) as they are; only the adapters will train.
+            from shared.modelcard import load_published, parse_model_ref
+            from shared.models.lm import add_lora
+
+            ref = parse_model_ref(lora.base)
+            base, card = load_published(self.store, ref.name, ref.resolve(self.store))
+            if card.architecture != self.cfg.model.name:
+                raise InvalidArgument(f"model.lora.base {lora.base} is a {card.architecture}, "
+                                      f"not {self.cfg.model.name}")
+            return add_lora(base, lora.target_modules, lora.r, lora.alpha, lora.dropout), dict(card.model_kwargs)
         model_kwargs = {**task.model_kwargs(), **self.cfg.model.kwargs}
         model = create_model(self.cfg.model.name, pretrained_path=self.cfg.model.pretrained_path, **model_kwargs)
         return model, model_kwargs
@@ -431,6 +445,15 @@ class Engine:
         """Log the final figures and the selected model; publish + register the export."""
         card = build_card(self.cfg, task, model_kwargs, state, self.run_id, final)
         files = task.export_files()
+        if self.cfg.model.lora is not None:
+            # Served as one plain model (the adapters folded in); the adapter is published beside it, and
+            # shared.models.lm.load_published_adapter puts it back onto its base.
+            from shared.models.lm import adapter_files, merged_state
+
+            files.update(adapter_files(task.model))
+            weights = st_save(merged_state(task.model))
+            card = card.model_copy(update={"files": sorted(files), "base_model": self.cfg.model.lora.base,
+                                           "lora": self.cfg.model.lora.model_dump()})
         if tracker is not None and fresh:
             reporting.log_run_end(tracker, self.cfg, task, state, final)
         if not self.do_export:

@@ -49,9 +49,12 @@ def log_run_start(tracker: Tracker, cfg: TrainConfig, model: torch.nn.Module, ta
     tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
     tracker.log_text(model_summary(model, input_size=tuple(task.input_size)).to_text(), "model_summary.txt")
     n_params = sum(p.numel() for p in model.parameters())
+    # What the optimiser moves: everything, or with LoRA only the adapters.
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracker.set_tags({"num_params": n_params})
     # As metrics too, so the compare view can plot accuracy against size.
-    tracker.log_metrics({"num_params": n_params, "num_params_m": n_params / 1e6}, step=0)
+    tracker.log_metrics({"num_params": n_params, "num_params_m": n_params / 1e6, "trainable_params": trainable},
+                        step=0)
     name = f"{cfg.data.kind}:{Path(cfg.data.path).name}" if cfg.data.path else f"synthetic:seed{cfg.seed}"
     tracker.log_dataset(name, task.data_version, cfg.data.path, profile=data)
 

@@ -174,6 +174,15 @@ COLUMNS: dict[str, Column] = {
     "size_int8_mb": Column("Size int8 (MB)", _metric("bench_size_int8_mb"), _num(2), benchmark=True),
     "gmacs": Column("GMACs / sample", _metric("bench_gmacs"), _num(4), benchmark=True),
     "train_samples_per_s": Column("Train samples/s", _metric("samples_per_second"), _num(0)),
+    # Captioning models: held-out figures from the final evaluation, and decoding cost.
+    "image_gap": Column("Image gap (nats/token, test)", _metric("test_image_gap"), _num(4)),
+    "extrusion_acc": Column("Extrusion count acc % (test)", _metric("test_extrusion_acc"), _pct),
+    "extrusion_majority": Column("Majority class acc % (test)", _metric("test_extrusion_majority_acc"), _pct),
+    "chrf": Column("chrF (test)", _metric("test_chrf"), _num(1)),
+    "trainable_params": Column("Trained params", _metric("trainable_params"),
+                               lambda v: "-" if v is None else f"{int(v):,}"),
+    "ms_per_token": Column("Latency per generated token (ms)", _metric("bench_ms_per_token"), _num(2),
+                           benchmark=True),
     # Future-position regression (trajectory models), beside the baselines on the same test samples.
     "val_rmse": Column("Val RMSE", _metric("val_rmse"), _num(3)),
     "test_rmse": Column("Test RMSE (once, at end)", _metric("test_rmse"), _num(3)),

@@ -42,6 +42,7 @@ class Runtime:
     dist: DistInfo
     amp: bool
     cache_root: Path
+    store: Any = None  # the run's ArtifactStore: published models a run builds on (a LoRA base) are read there
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
