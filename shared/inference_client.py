@@ -100,6 +100,28 @@ def read_trajectory_samples(path: str | Path) -> np.ndarray:
     return video[None] if video.ndim == 5 else video
 
 
+def _image_request(model: str, version, batch: np.ndarray | Sequence[bytes], allow_tensor: bool
+                   ) -> pb.ModelInferRequest:
+    """A ModelInfer request carrying uint8 images [N, H, W, C], float32 preprocessed tensors [N, C, H, W] (when
+    ``allow_tensor``) or encoded image files."""
+    req = pb.ModelInferRequest(model_name=model, model_version=_v(version))
+    if isinstance(batch, np.ndarray):
+        if batch.dtype == np.uint8 and batch.ndim == 4:
+            name, datatype = "images", "UINT8"
+        elif allow_tensor and batch.dtype == np.float32 and batch.ndim == 4:
+            name, datatype = "tensor", "FP32"
+        else:
+            expected = "uint8 [N, H, W, C] or float32 [N, C, H, W]" if allow_tensor else "uint8 [N, H, W, C]"
+            raise errors.InvalidArgument(f"batch must be {expected}, got {batch.dtype} {list(batch.shape)}")
+        req.inputs.add(name=name, datatype=datatype, shape=list(batch.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(batch).tobytes())
+    else:
+        blobs = list(batch)
+        req.inputs.add(name="encoded", datatype="BYTES", shape=[len(blobs)])
+        req.raw_input_contents.append(serialize_bytes_tensor(blobs))
+    return req
+
+
 class InferenceClient:
     """``with InferenceClient("127.0.0.1:50055") as c: c.classify("mnist", images, top_k=3)``.
 
@@ -163,21 +185,7 @@ class InferenceClient:
               top_k: int = 1) -> InferResult:
         """One ModelInfer call. ``batch``: uint8 [N, H, W, C] images, float32 [N, C, H, W] preprocessed
         tensors, or a list of encoded image files (bytes)."""
-        req = pb.ModelInferRequest(model_name=model, model_version=_v(version))
-        if isinstance(batch, np.ndarray):
-            if batch.dtype == np.uint8 and batch.ndim == 4:
-                name, datatype = "images", "UINT8"
-            elif batch.dtype == np.float32 and batch.ndim == 4:
-                name, datatype = "tensor", "FP32"
-            else:
-                raise errors.InvalidArgument(f"batch must be uint8 [N, H, W, C] or float32 [N, C, H, W], got "
-                                             f"{batch.dtype} {list(batch.shape)}")
-            req.inputs.add(name=name, datatype=datatype, shape=list(batch.shape))
-            req.raw_input_contents.append(np.ascontiguousarray(batch).tobytes())
-        else:
-            blobs = list(batch)
-            req.inputs.add(name="encoded", datatype="BYTES", shape=[len(blobs)])
-            req.raw_input_contents.append(serialize_bytes_tensor(blobs))
+        req = _image_request(model, version, batch, allow_tensor=True)
         req.outputs.add(name="probabilities")
         labels = req.outputs.add(name="labels")
         labels.parameters["top_k"].int64_param = max(1, int(top_k))
@@ -219,17 +227,7 @@ class InferenceClient:
                  ) -> list[str]:
         """One ModelInfer call to a captioning model: uint8 RGB images [N, H, W, 3] or encoded image files
         (bytes); the model's ``text`` output (a BYTES tensor) as one string per image."""
-        req = pb.ModelInferRequest(model_name=model, model_version=_v(version))
-        if isinstance(batch, np.ndarray):
-            if batch.dtype != np.uint8 or batch.ndim != 4:
-                raise errors.InvalidArgument(f"images must be uint8 [N, H, W, 3], got {batch.dtype} "
-                                             f"{list(batch.shape)}")
-            req.inputs.add(name="images", datatype="UINT8", shape=list(batch.shape))
-            req.raw_input_contents.append(np.ascontiguousarray(batch).tobytes())
-        else:
-            blobs = list(batch)
-            req.inputs.add(name="encoded", datatype="BYTES", shape=[len(blobs)])
-            req.raw_input_contents.append(serialize_bytes_tensor(blobs))
+        req = _image_request(model, version, batch, allow_tensor=False)
         req.outputs.add(name="text")
         resp = self._call("ModelInfer", req)
         if [o.name for o in resp.outputs] != ["text"]:

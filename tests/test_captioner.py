@@ -36,7 +36,7 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
 
 def test_default_parameter_count_is_in_range_and_exact():
     model = create_model("cad_captioner")
-    assert count_params(model) == 677_520
+    assert count_params(model) == 620_752
     assert 600_000 <= count_params(model) <= 700_000
 
 
