@@ -67,7 +67,7 @@ def stage_datasets(state: dict, data: Path) -> dict[str, str]:
                                                  "digits", "cifar")}
     workers = os.cpu_count() or 1
     jobs = [
-        ("cad-synth", render_pb2.RenderRequest(out=out["cad_json"], count=200, seed=1, workers=workers,
+        ("cad-synth", render_pb2.RenderRequest(out=out["cad_json"], count=500, seed=1, workers=workers,
                                                cad_synth=render_pb2.CadSynth())),
         ("cad views", render_pb2.RenderRequest(out=out["cad_views"], workers=workers,
                                                cad=render_pb2.CadRender(input=out["cad_json"], image_size=128))),
@@ -258,7 +258,7 @@ def stage_study(state: dict, cifar: str) -> None:
     print_study(study)
 
 
-def stage_captioner(state: dict, tinyllava: str, epochs: int = 4) -> None:
+def stage_captioner(state: dict, tinyllava: str, epochs: int = 24) -> None:
     import json
     import textwrap
 
@@ -277,7 +277,7 @@ def stage_captioner(state: dict, tinyllava: str, epochs: int = 4) -> None:
     run = stub.SubmitRun(train_pb2.SubmitRunRequest(
         config_yaml=(REPO / "configs" / "cad_captioner.yaml").read_text(),
         overrides=[f"data.path={tinyllava}", f"epochs={epochs}", "data.train_eval_size=120",
-                   "caption.eval_samples=60", "caption.max_new_tokens=200", "experiment=demo-cad",
+                   "caption.eval_samples=60", "caption.max_new_tokens=160", "experiment=demo-cad",
                    "scheduler.warmup_steps=10"]))
     bar = tqdm(desc=f"  {run.run_id}", total=epochs, unit="epoch")
     for event in stub.WatchRun(train_pb2.WatchRunRequest(run_id=run.run_id)):

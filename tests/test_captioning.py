@@ -297,3 +297,15 @@ def test_a_stopped_captioning_run_resumes_to_the_same_weights(dataset, tmp_path)
     assert resumed.state == straight.state == "SUCCEEDED"
     assert resumed.final_weights_sha256 == straight.final_weights_sha256
     assert resumed.final_metrics["test_loss"] == straight.final_metrics["test_loss"]
+
+
+def test_benchmark_measures_the_published_captioner_per_generated_token(trained, monkeypatch):
+    from shared.benchmark.measure import MeasureSpec, measure_model
+
+    monkeypatch.setenv("TRAINYARD_STORE", trained["store"].url)
+    result = measure_model(MeasureSpec(model="store:models/cap-served/1", batch_sizes=[1, 4], warmup=1,
+                                       iterations=3, throughput_seconds=0.2, quantize=False, threads=1))
+    assert result.error is None and result.generation_error is None, (result.error, result.generation_error)
+    model, _ = load_published(trained["store"], "cap-served", 1)
+    assert result.input_shape == [3, 64, 64] and result.params_total == sum(p.numel() for p in model.parameters())
+    assert result.gmacs > 0 and result.ms_per_token > 0 and result.metrics()["ms_per_token"] == result.ms_per_token
