@@ -22,17 +22,19 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.models.captioner import TextGenerator
 from shared.models.registry import register_model
 from shared.text.conversation import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 FINGERPRINT_FILE = "base_fingerprint.json"
 
@@ -247,6 +249,8 @@ def add_lora(model: nn.Module, target_modules: Iterable[str] = ("q_proj", "v_pro
     targets = list(target_modules)
     if not lora_targets(model, targets):
         raise InvalidArgument(f"no nn.Linear in the model matches target_modules {targets}")
+    from peft import LoraConfig, get_peft_model  # peft (and transformers) load only when LoRA is used
+
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                         target_modules=targets, bias="none")
     return get_peft_model(model, config)
@@ -285,6 +289,8 @@ def load_adapter(base: nn.Module, directory: str | Path, trainable: bool = False
         expected = json.loads(fingerprint.read_text())["sha256"]
         if base_fingerprint(base) != expected:
             raise FailedPrecondition(f"adapter in {directory} was trained on another base model (weights differ)")
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
 
 
