@@ -33,7 +33,6 @@ from services.train.engine import Engine  # noqa: E402
 from services.train.engine.distributed import DistInfo  # noqa: E402
 from services.train.engine.optim import build_optimizer  # noqa: E402
 from services.train.engine.tasks import Runtime, build_task  # noqa: E402
-from services.train.engine.tasks.captioning import _normalise  # noqa: E402
 from shared.models import count_params, create_model  # noqa: E402
 from shared.text import collate  # noqa: E402
 
@@ -63,7 +62,7 @@ def bare(cfg, task, epochs: int) -> float:
     optimizer = build_optimizer(cfg, model)
     split, bs = task.train, cfg.batch_size
     order = sorted(range(len(split)), key=lambda i: len(split.examples[i].input_ids))
-    images = _normalise(split.images)
+    images = task.model_input(split.images)
     batches = []
     for s in range(0, len(order), bs):
         rows = order[s:s + bs]
@@ -92,7 +91,7 @@ def generation(task, model) -> dict[str, float]:
     rows = list(range(min(64, len(task.val))))
     tok = task.tokenizer
     prompts = [prompt_ids(task.val.records[i]["conversations"][0]["value"], tok) for i in rows]
-    x = _normalise(task.val.images[rows])
+    x = task.model_input(task.val.images[rows])
     t0 = time.perf_counter()
     ids = model.eval().generate(x, max_new_tokens=task.cfg.caption.max_new_tokens, bos_id=tok.bos_id,
                                 eos_id=tok.eos_id, prompts=prompts, pad_id=tok.pad_id)

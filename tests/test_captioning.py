@@ -15,8 +15,6 @@ from PIL import Image
 from cli.predict import cmd_predict
 from services.convert.describe import describe_cad
 from services.convert.tinyllava import convert_tinyllava
-from services.inference.repository import ModelRepository
-from services.inference.server import start_server
 from services.render.cad.jobs import CadRenderJob, CadSynthJob
 from services.render.cad.synth import generate_cad_json
 from services.render.shards import run_sharded
@@ -28,14 +26,14 @@ from shared.cad.deepcad import parse_cad
 from shared.cad.descriptions import parse_description, size_within
 from shared.data.llava import read_llava
 from shared.errors import Cancelled, IntegrityError, InvalidArgument
-from shared.grpc_client import wait_serving
 from shared.inference_client import InferenceClient
-from shared.modelcard import ModelRef, load_published, read_card
+from shared.modelcard import load_published, read_card
 from shared.models.captioner import TOKENIZER_FILE
 from shared.models.lm import load_published_adapter, lora_param_count, merge
 from shared.predict import TEXT, signature_for
 from shared.storage import open_store
 from shared.text import human_and_answer
+from tests.harness.inference import serving
 
 N_MODELS = 60
 # The acceptance run's bars (the slow test below), under what it measured (gap 0.0145 nats per answer token,
@@ -167,13 +165,8 @@ def _views(dataset: Path, n: int) -> tuple[np.ndarray, list[bytes]]:
 
 @pytest.fixture(scope="module")
 def served(trained):
-    repo = ModelRepository(trained["store"], max_batch_size=4, max_queue_delay_ms=2.0)
-    host, _ = start_server(repo, [ModelRef("cap-served")])
-    address = f"127.0.0.1:{host.port}"
-    wait_serving(address, deadline_s=120)
-    yield address
-    host.stop(grace=2)
-    repo.close()
+    with serving(trained["store"], "cap-served") as address:
+        yield address
 
 
 def test_served_captioner_gives_the_in_process_text(served, trained, dataset, tmp_path):

@@ -11,8 +11,6 @@ import torch
 
 from cli.datasets import write_trajectory_sample
 from cli.predict import cmd_predict
-from services.inference.repository import ModelRepository
-from services.inference.server import start_server
 from services.render.shards import run_sharded
 from services.render.trajectories import TrajectoryJob
 from services.train.config import parse_train_config
@@ -21,11 +19,11 @@ from services.train.engine.distributed import DistInfo
 from services.train.engine.tasks import Runtime, build_task
 from shared.data.trajectories import TrajectoryShards, read_index, read_labels, three_way_split
 from shared.errors import InvalidArgument
-from shared.grpc_client import wait_serving
 from shared.inference_client import InferenceClient
-from shared.modelcard import ModelRef, load_published, read_card
+from shared.modelcard import load_published, read_card
 from shared.models import create_model
 from shared.storage import open_store
+from tests.harness.inference import serving
 
 CLIP = (4, 32, 3, 64, 64)
 
@@ -125,13 +123,8 @@ def _in_process(store, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def served(trained):
-    repo = ModelRepository(trained["store"], max_batch_size=4, max_queue_delay_ms=2.0)
-    host, _ = start_server(repo, [ModelRef("traj-served")])
-    address = f"127.0.0.1:{host.port}"
-    wait_serving(address, deadline_s=120)
-    yield address
-    host.stop(grace=2)
-    repo.close()
+    with serving(trained["store"], "traj-served") as address:
+        yield address
 
 
 def _clips(dataset, n: int) -> np.ndarray:

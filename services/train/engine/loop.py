@@ -452,8 +452,10 @@ class Engine:
 
             files.update(adapter_files(task.model))
             weights = st_save(merged_state(task.model))
-            card = card.model_copy(update={"files": sorted(files), "base_model": self.cfg.model.lora.base,
+            card = card.model_copy(update={"base_model": self.cfg.model.lora.base,
                                            "lora": self.cfg.model.lora.model_dump()})
+        # The card lists exactly the files published beside the weights.
+        card = card.model_copy(update={"files": sorted(files)})
         if tracker is not None and fresh:
             reporting.log_run_end(tracker, self.cfg, task, state, final)
         if not self.do_export:
