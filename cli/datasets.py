@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from services.render.jobs import KINDS
+from services.render.jobs import DEFAULT_MAX_FAILURES, KINDS
 
 # Every kind-specific render option, as the kinds name them (services.render.jobs.KINDS).
 _OPTION_FLAGS = {
@@ -25,7 +25,7 @@ def _render_via_server(args, options: dict, bar) -> int:
     kind = KINDS[args.kind]
     message = {name: options[name] for name in kind.options if options.get(name) is not None}
     request = render_pb2.RenderRequest(out=args.out, count=args.count, seed=args.seed, workers=args.workers,
-                                       resume=args.resume, **{kind.field: message})
+                                       resume=args.resume, max_failures=args.max_failures, **{kind.field: message})
     last = None
     for progress in render_pb2_grpc.RenderServiceStub(channel(args.server)).Render(request):
         bar.total = progress.total or bar.total
@@ -56,7 +56,7 @@ def _cmd_render(args) -> int:
         bar.refresh()
 
     spec = RenderSpec(kind=args.kind, out=args.out, count=args.count, seed=args.seed, workers=args.workers,
-                      resume=args.resume, options=options)
+                      resume=args.resume, options=options, max_failures=args.max_failures)
     location, manifest = render(spec, report)
     bar.close()
     meta = manifest.meta or {}
@@ -137,10 +137,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("render", help="render a dataset: " + "; ".join(f"{k.name}: {k.help}" for k in KINDS.values()))
     p.add_argument("kind", choices=list(KINDS))
     p.add_argument("--out", required=True, help="dataset location: a path, file://… or s3://bucket/prefix")
-    p.add_argument("--count", type=int, default=0, help="items to render (0: the kind's default)")
+    limits = ", ".join(f"{k.name} {k.max_count:,}" for k in KINDS.values())
+    p.add_argument("--count", type=int, default=0, help=f"items to render (0: the kind's default; at most {limits})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--resume", action="store_true", help="continue a killed render after its last complete shard")
+    p.add_argument("--max-failures", default=DEFAULT_MAX_FAILURES,
+                   help="items (CAD models) that may fail before the render is refused, as a count or a "
+                        "percentage (default %(default)s); beyond it nothing is published and the command fails")
     for name, spec in _OPTION_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, **spec)
     p.add_argument("--server", help="render through this RenderService instead of in this process")

@@ -166,3 +166,26 @@ def test_render_through_the_service(env, tmp_path, render_server):
     again = cli(env, *args)
     assert again.returncode == 2
     assert "ALREADY_EXISTS" in again.stderr and "already published" in again.stderr
+
+
+def test_render_limits_and_failure_budget_set_the_exit_code(env, tmp_path):
+    huge = cli(env, "render", "digits", "--out", str(tmp_path / "d"), "--count", str(10**12), "--no-progress")
+    assert huge.returncode == 2 and "between 0 and 1,000,000" in huge.stderr
+    assert "at most" in cli(env, "render", "--help").stdout + cli(env, "render", "digits", "--help").stdout
+
+    synth, models, cad = tmp_path / "synth", tmp_path / "models", tmp_path / "cad"
+    assert cli(env, "render", "cad-synth", "--out", str(synth), "--count", "3", "--workers", "1",
+               "--no-progress").returncode == 0
+    models.mkdir()
+    for src in sorted((synth / "json").glob("*.json")):
+        (models / src.name).write_bytes(src.read_bytes())
+    (models / "broken.json").write_text("{}")
+    args = ["render", "cad", "--input", str(models), "--out", str(cad), "--image-size", "32", "--workers", "1",
+            "--no-progress"]
+    refused = cli(env, *args)  # 1 of 4 failed: more than the default 10 %
+    assert refused.returncode == 2, refused.stdout
+    assert "1 of 4 items" in refused.stderr and "--max-failures" in refused.stderr
+    assert not (cad / "MANIFEST.json").exists()
+    accepted = cli(env, *args, "--max-failures", "25%", "--resume")
+    assert accepted.returncode == 0, accepted.stderr
+    assert "4 items, 1 failed" in accepted.stdout and "failed broken" in accepted.stdout

@@ -166,7 +166,16 @@ def test_model_that_fails_to_rebuild_is_reported_while_the_others_render(stub, r
     (models / "broken.json").write_text(json.dumps(broken))
 
     out = str(tmp_path / "cad")
-    stream = render(stub, out=out, cad=render_pb2.CadRender(input=str(models), image_size=CAD_SIZE))
+    request = dict(out=out, cad=render_pb2.CadRender(input=str(models), image_size=CAD_SIZE))
+    # 1 of 4 is more than the default 10%: refused, nothing published, the rendered shards kept.
+    with pytest.raises(grpc.RpcError) as err:
+        render(stub, **request)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "1 of 4 items" in err.value.details() and "broken: " in err.value.details()
+    store, prefix = open_location(out)
+    assert not store.is_published(prefix) and store.list(f"{prefix}/_shards")
+    # Accepting one failure and resuming publishes what was rendered, without rendering it again.
+    stream = render(stub, **request, resume=True, max_failures="1")
     last = stream[-1]
     assert last.state == "succeeded"
     assert (last.done, last.total, last.failed) == (4, 4, 1)
@@ -198,12 +207,25 @@ def _bad_requests(rendered, tmp: Path):
         "bucket root": (dict(out="s3://bucket", count=8, logos=render_pb2.LogoRender()),
                         grpc.StatusCode.INVALID_ARGUMENT, "name a folder inside the bucket"),
         "negative count": (dict(out=str(tmp / "d"), count=-1, digits=render_pb2.DigitRender()),
-                           grpc.StatusCode.INVALID_ARGUMENT, "count must be >= 0"),
+                           grpc.StatusCode.INVALID_ARGUMENT, "must be between 0 and 1,000,000, got -1"),
+        # Once killed the service at 23 GB: a count is bounded before any work list exists.
+        "huge count": (dict(out=str(tmp / "d"), count=10**12, digits=render_pb2.DigitRender()),
+                       grpc.StatusCode.INVALID_ARGUMENT, "must be between 0 and 1,000,000, got 1,000,000,000,000"),
+        "huge trajectory count": (dict(out=str(tmp / "t"), count=10**9, trajectories=render_pb2.TrajectoryRender()),
+                                  grpc.StatusCode.INVALID_ARGUMENT, "between 0 and 200,000"),
+        # Once "succeeded" with 0 of 39 models rendered.
+        "negative image size": (dict(out=str(tmp / "cad"), cad=render_pb2.CadRender(input=str(tmp), image_size=-1)),
+                                grpc.StatusCode.INVALID_ARGUMENT, "image_size must be between 16 and 2,048"),
+        "too many workers": (dict(out=str(tmp / "l"), count=8, workers=100_000, logos=render_pb2.LogoRender()),
+                             grpc.StatusCode.INVALID_ARGUMENT, "workers must be between 1 and 256"),
+        "bad max_failures": (dict(out=str(tmp / "l"), count=8, max_failures="many", logos=render_pb2.LogoRender()),
+                             grpc.StatusCode.INVALID_ARGUMENT, "max_failures must be a count"),
     }
 
 
 BAD = ["no kind", "no out", "cad input missing", "cad without input", "logos twice", "digits twice",
-       "bucket root", "negative count"]
+       "bucket root", "negative count", "huge count", "huge trajectory count", "negative image size",
+       "too many workers", "bad max_failures"]
 
 
 @pytest.mark.parametrize("case", BAD)

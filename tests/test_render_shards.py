@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.render.jobs import create_job, list_jobs
-from services.render.shards import RECORDS_DIR, publish_existing, record_key, run_sharded, shard_plan
+from services.render.shards import RECORDS_DIR, ShardPlan, publish_existing, record_key, run_sharded
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from shared.storage import FileEntry, open_store
 from tests.harness.stores import FullDisk
@@ -45,11 +45,13 @@ def dataset_bytes(store, prefix):
 
 
 def test_shard_plan_covers_every_item_once():
-    plan = shard_plan(50, 7)
+    plan = list(ShardPlan(50, 7))
     assert plan[0] == (0, 0, 7) and plan[-1] == (7, 49, 50)
-    assert sum(stop - start for _, start, stop in plan) == 50
+    assert sum(stop - start for _, start, stop in plan) == 50 and len(ShardPlan(50, 7)) == len(plan)
     with pytest.raises(InvalidArgument):
-        shard_plan(0, 7)
+        ShardPlan(0, 7)
+    # A plan is computed as it is walked: a huge one costs nothing until it is.
+    assert len(ShardPlan(10**15, 1)) == 10**15
 
 
 def test_output_is_independent_of_workers_and_publishes_manifest(tmp_path):

@@ -11,6 +11,7 @@ image's randomness comes from (seed, split, index) so worker counts never change
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -148,16 +149,19 @@ class CifarSynthJob:
             raise InvalidArgument(f"train ({self.train}) must be >= {len(TRAIN_FILES)} and test ({self.test}) >= 1")
 
     def render_split(self, split: int, n: int, workers: int, report) -> tuple[np.ndarray, np.ndarray]:
-        tasks = [(self.seed, split, lo, min(lo + _CHUNK, n)) for lo in range(0, n, _CHUNK)]
+        tasks = ((self.seed, split, lo, min(lo + _CHUNK, n)) for lo in range(0, n, _CHUNK))
+        n_tasks = -(-n // _CHUNK)
         images, labels = np.empty((n, SIZE, SIZE, 3), np.uint8), np.empty(n, np.int64)
-        if workers > 1 and len(tasks) > 1:
-            with pool_context().Pool(min(workers, len(tasks))) as pool:
-                chunks = list(pool.imap_unordered(_render_chunk, tasks))
-        else:
-            chunks = [_render_chunk(t) for t in tasks]
-        for start, im, lab in chunks:
-            images[start: start + len(lab)], labels[start: start + len(lab)] = im, lab
-            report(len(lab))
+        with contextlib.ExitStack() as stack:
+            if workers > 1 and n_tasks > 1:
+                pool = stack.enter_context(pool_context().Pool(min(workers, n_tasks)))
+                chunks = pool.imap_unordered(_render_chunk, tasks)
+            else:
+                chunks = map(_render_chunk, tasks)
+            # Each chunk goes straight into the split's array: the split is held once, not twice.
+            for start, im, lab in chunks:
+                images[start: start + len(lab)], labels[start: start + len(lab)] = im, lab
+                report(len(lab))
         return images, labels
 
     def run(self, store: ArtifactStore, prefix: str, *, workers: int = 1, resume: bool = False,

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.render.jobs import build_job, run_job
+from services.render.jobs import DEFAULT_MAX_FAILURES, build_job, run_job
 from services.render.shards import ProgressFn
-from shared.errors import InvalidArgument
 from shared.storage import Manifest, open_location
 
 
@@ -23,15 +22,15 @@ class RenderSpec:
     seed: int = 0
     workers: int = 1
     resume: bool = False
+    max_failures: str = DEFAULT_MAX_FAILURES
     # Kind-specific, named as in the kind's RenderRequest message (see services.render.jobs.KINDS).
     options: dict[str, Any] | None = None
 
 
 def render(spec: RenderSpec, progress: ProgressFn | None = None) -> tuple[str, Manifest]:
     """Render and publish; returns (the dataset's location, its manifest)."""
-    if spec.workers < 1:
-        raise InvalidArgument(f"workers must be >= 1, got {spec.workers}")
     store, prefix = open_location(spec.out)
     job = build_job(spec.kind, spec.count, spec.seed, spec.options)
-    manifest = run_job(job, store, prefix, workers=spec.workers, resume=spec.resume, progress=progress)
+    manifest = run_job(job, store, prefix, workers=spec.workers, resume=spec.resume, progress=progress,
+                       max_failures=spec.max_failures)
     return spec.out, manifest

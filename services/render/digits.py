@@ -132,12 +132,13 @@ class DigitsJob:
                      done_before: int = 0) -> tuple[np.ndarray, np.ndarray]:
         n = self.train if split == "train" else self.test
         stream = _SPLITS[split][2]
-        tasks = [(self.seed, stream, lo, min(lo + _CHUNK, n)) for lo in range(0, n, _CHUNK)]
+        tasks = ((self.seed, stream, lo, min(lo + _CHUNK, n)) for lo in range(0, n, _CHUNK))
+        n_tasks = -(-n // _CHUNK)
         images, labels = np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.uint8)
         total = self.train + self.test
         done = done_before
-        if workers > 1 and len(tasks) > 1:
-            with pool_context().Pool(min(workers, len(tasks))) as pool:
+        if workers > 1 and n_tasks > 1:
+            with pool_context().Pool(min(workers, n_tasks)) as pool:
                 results = pool.imap_unordered(_render_chunk, tasks)
                 for start, im, lab in results:
                     images[start: start + len(lab)], labels[start: start + len(lab)] = im, lab

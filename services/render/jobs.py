@@ -29,6 +29,9 @@ class RenderKind:
     # (count, seed, options with unset ones dropped) -> the job
     build: Callable[[int, int, dict[str, Any]], Any]
     help: str
+    # The most items one request may ask for: the digit and CIFAR writers hold a split in memory, the
+    # sharded kinds are bounded by what a disk holds; past it a typo (10**12) is refused, not attempted.
+    max_count: int = 1_000_000
 
     def job_factory(self) -> Callable[..., Any]:
         module, _, name = self.job_class.partition(":")
@@ -74,14 +77,32 @@ KINDS: dict[str, RenderKind] = {k.name: k for k in (
                lambda count, seed, _: create_job("cad-synth", {"seed": seed, "total": count or 100}),
                "random valid DeepCAD JSON models"),
     RenderKind("trajectories", "trajectories", "services.render.trajectories:TrajectoryJob", ("shard_size",),
-               _trajectories, "4-camera trajectory videos with labels and future positions"),
+               _trajectories, "4-camera trajectory videos with labels and future positions",
+               max_count=200_000),  # ~0.5 MB a sample on disk
     RenderKind("logos", "logos", "services.render.logos:LogoJob", ("image_size", "val_per_class"), _logos,
                "logo images in four classes (simple, text, gradient, complex)"),
     RenderKind("digits", "digits", "services.render.digits:DigitsJob", ("test_count", "gzip"), _digits,
                "handwritten-style digits in MNIST's IDX format"),
     RenderKind("cifar-synth", "cifar_synth", "services.render.cifar:CifarSynthJob", ("test_count",), _cifar_synth,
-               "10-class 32x32 RGB shapes in CIFAR-10's python-batch format"),
+               "10-class 32x32 RGB shapes in CIFAR-10's python-batch format",
+               max_count=300_000),  # a split is held in memory: 3 KB an image
 )}
+
+
+# The range each numeric option accepts, checked before any work starts (a request with image_size=-1
+# used to "succeed" with every model failed).
+OPTION_RANGES: dict[str, tuple[int, int]] = {
+    "image_size": (16, 2048),
+    "shard_size": (1, 10_000),
+    "val_per_class": (1, 250_000),
+}
+MAX_WORKERS = 256
+SEED_RANGE = (0, 2**63 - 1)
+
+
+def _check_range(what: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise InvalidArgument(f"{what} must be between {lo:,} and {hi:,}, got {value:,}")
 
 
 def get_kind(name: str) -> RenderKind:
@@ -115,20 +136,51 @@ def create_job(kind: str, params: Mapping[str, Any] | None = None) -> Any:
 
 
 def build_job(kind: str, count: int, seed: int, options: Mapping[str, Any] | None = None) -> Any:
-    """The job a render request describes; options left unset (None, 0, "") take the kind's defaults."""
-    if count < 0:
-        raise InvalidArgument(f"count must be >= 0, got {count}")
+    """The job a render request describes; options left unset (None, 0, "") take the kind's defaults.
+
+    Every number is checked against its range here, before a job (and its work list) exists.
+    """
     entry = get_kind(kind)
+    _check_range(f"render {kind}: count (0 for the default)", count, 0, entry.max_count)
+    _check_range(f"render {kind}: seed", seed, *SEED_RANGE)
     opts = {k: v for k, v in (options or {}).items() if v not in (None, 0, "", False)}
     unknown = sorted(set(opts) - set(entry.options))
     if unknown:
         raise InvalidArgument(f"render {kind} does not take {', '.join(unknown)}; it takes "
                               f"{', '.join(entry.options) or 'no options'}")
+    for name, value in (options or {}).items():
+        if name in OPTION_RANGES and value not in (None, 0):
+            _check_range(f"render {kind}: {name}", value, *OPTION_RANGES[name])
+    if (options or {}).get("test_count"):
+        _check_range(f"render {kind}: test_count", options["test_count"], 1, entry.max_count)
     return entry.build(count, seed, opts)
 
 
+DEFAULT_MAX_FAILURES = "10%"
+
+
+def failure_limit(max_failures: str, total: int) -> int:
+    """How many of ``total`` items may fail: ``max_failures`` is a count ("5") or a share ("10%")."""
+    text = (max_failures or DEFAULT_MAX_FAILURES).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 <= share <= 100:
+                raise ValueError
+            return int(total * share / 100)
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise InvalidArgument(f"max_failures must be a count (5) or a percentage (10%), got {max_failures!r}") from None
+
+
 def run_job(job: Any, store: ArtifactStore, prefix: str, *, workers: int = 1, resume: bool = False,
-            progress: ProgressFn | None = None) -> Manifest:
-    if hasattr(job, "run"):
+            progress: ProgressFn | None = None, max_failures: str = DEFAULT_MAX_FAILURES) -> Manifest:
+    _check_range("workers", workers, 1, MAX_WORKERS)
+    limit = failure_limit(max_failures, job.total)
+    if hasattr(job, "run"):  # the digit and CIFAR writers have no per-item failures
         return job.run(store, prefix, workers=workers, resume=resume, progress=progress)
-    return run_sharded(job, store, prefix, workers=workers, resume=resume, progress=progress)
+    return run_sharded(job, store, prefix, workers=workers, resume=resume, progress=progress,
+                       max_failed_items=limit)

@@ -6,7 +6,7 @@ import json
 import grpc
 
 from services.render.datasets import RenderSpec, render
-from services.render.jobs import KINDS, kind_of_field
+from services.render.jobs import DEFAULT_MAX_FAILURES, KINDS, kind_of_field
 from shared.errors import InvalidArgument
 from shared.grpc_server import serve, service_arg_parser
 from shared.pb import common_pb2, render_pb2, render_pb2_grpc
@@ -24,6 +24,7 @@ def spec_from_request(request: render_pb2.RenderRequest, default_workers: int) -
     message = getattr(request, which)
     return RenderSpec(kind=kind.name, out=request.out, count=request.count, seed=request.seed,
                       workers=request.workers or default_workers, resume=request.resume,
+                      max_failures=request.max_failures or DEFAULT_MAX_FAILURES,
                       options={name: getattr(message, name) for name in kind.options})
 
 

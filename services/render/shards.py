@@ -8,7 +8,9 @@ A *job* describes a deterministic dataset:
   as paths relative to the dataset prefix. Every item's randomness must come from (seed, item
   index) so shard boundaries and worker counts never change the bytes;
 - optional ``shard_info(index, start, stop, files) -> dict``: small JSON facts about a shard
-  (class counts...), computed in the worker and kept in the shard record;
+  (class counts...), computed in the worker and kept in the shard record; ``failed`` (a count) and
+  ``failures`` (``[{"model_id", "reason"}]``) there name items that could not be rendered, and a render
+  with more than ``max_failed_items`` of them is refused instead of published;
 - optional ``summarize(list_of_shard_records) -> dict``: merged into the dataset metadata;
 - optional ``estimate_bytes() -> int``: expected dataset size, checked against free space.
 
@@ -26,7 +28,7 @@ import json
 import multiprocessing
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +48,21 @@ METADATA_NAME = "metadata.json"
 ProgressFn = Callable[[int, int, dict], None]
 
 
-def shard_plan(total: int, shard_size: int) -> list[tuple[int, int, int]]:
-    """``(index, start, stop)`` for every shard of a ``total``-item dataset."""
-    if total <= 0 or shard_size <= 0:
-        raise InvalidArgument(f"total ({total}) and shard_size ({shard_size}) must be positive")
-    return [(i, start, min(start + shard_size, total)) for i, start in enumerate(range(0, total, shard_size))]
+class ShardPlan:
+    """``(index, start, stop)`` for every shard of a ``total``-item dataset, computed on demand, so a plan
+    costs the same few bytes whatever the item count (a list of a huge render's tasks once exhausted memory)."""
+
+    def __init__(self, total: int, shard_size: int):
+        if total <= 0 or shard_size <= 0:
+            raise InvalidArgument(f"total ({total}) and shard_size ({shard_size}) must be positive")
+        self.total, self.shard_size = total, shard_size
+
+    def __len__(self) -> int:
+        return -(-self.total // self.shard_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        for index, start in enumerate(range(0, self.total, self.shard_size)):
+            yield index, start, min(start + self.shard_size, self.total)
 
 
 def run_spec(job) -> dict[str, Any]:
@@ -212,6 +224,19 @@ def _discard_partial(store: ArtifactStore, prefix: str, result: dict) -> None:
             store.delete(f"{prefix}/{rel}")
 
 
+def _check_failures(prefix: str, records: list[dict], total: int, limit: int | None) -> None:
+    """Refuse to publish a render where more items failed than ``limit`` (shards stay for --resume)."""
+    failed = sum(int(r.get("info", {}).get("failed", 0)) for r in records)
+    if limit is None or failed <= limit:
+        return
+    reasons = [f"{f.get('model_id')}: {f.get('reason')}"
+               for r in records for f in r.get("info", {}).get("failures", [])]
+    raise FailedPrecondition(
+        f"{failed} of {total} items of {prefix!r} failed, more than the {limit} allowed (--max-failures); "
+        f"not published. First failures: {'; '.join(reasons[:3])}. The rendered shards are kept: fix the "
+        "inputs, or accept the failures with a larger --max-failures and rerun with --resume")
+
+
 def run_sharded(
     job,
     store: ArtifactStore,
@@ -221,13 +246,14 @@ def run_sharded(
     resume: bool = False,
     progress: ProgressFn | None = None,
     mp_context: multiprocessing.context.BaseContext | None = None,
+    max_failed_items: int | None = None,
 ) -> Manifest:
     """Render ``job`` into ``store`` under ``prefix`` shard by shard and publish it; see the module doc."""
     prefix = prefix.strip("/")
     if workers < 1:
         raise InvalidArgument(f"workers must be >= 1, got {workers}")
     spec = run_spec(job)
-    plan = shard_plan(job.total, job.shard_size)
+    plan = ShardPlan(job.total, job.shard_size)
     resuming = _check_existing(store, prefix, spec, resume)
 
     records: dict[int, dict] = {}
@@ -243,18 +269,19 @@ def run_sharded(
                     store.delete(key)
         log.info("resuming render", extra={"prefix": prefix, "complete_shards": len(records), "shards": len(plan)})
 
-    pending = [task for task in plan if task[0] not in records]
-    preflight(job, store, prefix, fraction_left=sum(t[2] - t[1] for t in pending) / job.total)
+    pending = (task for task in plan if task[0] not in records)
+    pending_shards = len(plan) - len(records)
+    done_items = sum(r["stop"] - r["start"] for r in records.values())
+    preflight(job, store, prefix, fraction_left=(job.total - done_items) / job.total)
     if not resuming:
         store.put_bytes(f"{prefix}/{RUN_RECORD}", json.dumps({**spec, "started": now_iso()}, sort_keys=True).encode())
 
     t0 = time.perf_counter()
-    done_items = sum(r["stop"] - r["start"] for r in records.values())
     written_bytes = written_items = 0
     pool = None
-    if pending and workers > 1:
+    if pending_shards and workers > 1:
         ctx = mp_context or pool_context()
-        pool = ctx.Pool(min(workers, len(pending)), initializer=_init_worker, initargs=(job,))
+        pool = ctx.Pool(min(workers, pending_shards), initializer=_init_worker, initargs=(job,))
         results = pool.imap_unordered(_render_in_worker, pending)
     else:
         results = (_render(job, task) for task in pending)
@@ -291,6 +318,7 @@ def run_sharded(
             pool.join()
 
     ordered = [records[i] for i, _, _ in plan]
+    _check_failures(prefix, ordered, job.total, max_failed_items)
     meta: dict[str, Any] = {
         **spec,
         "num_shards": len(plan),

@@ -7,12 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RenderRequest(_message.Message):
-    __slots__ = ("out", "count", "seed", "workers", "resume", "cad", "cad_synth", "trajectories", "logos", "digits", "cifar_synth")
+    __slots__ = ("out", "count", "seed", "workers", "resume", "max_failures", "cad", "cad_synth", "trajectories", "logos", "digits", "cifar_synth")
     OUT_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILURES_FIELD_NUMBER: _ClassVar[int]
     CAD_FIELD_NUMBER: _ClassVar[int]
     CAD_SYNTH_FIELD_NUMBER: _ClassVar[int]
     TRAJECTORIES_FIELD_NUMBER: _ClassVar[int]
@@ -24,13 +25,14 @@ class RenderRequest(_message.Message):
     seed: int
     workers: int
     resume: bool
+    max_failures: str
     cad: CadRender
     cad_synth: CadSynth
     trajectories: TrajectoryRender
     logos: LogoRender
     digits: DigitRender
     cifar_synth: CifarSynthRender
-    def __init__(self, out: _Optional[str] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., workers: _Optional[int] = ..., resume: _Optional[bool] = ..., cad: _Optional[_Union[CadRender, _Mapping]] = ..., cad_synth: _Optional[_Union[CadSynth, _Mapping]] = ..., trajectories: _Optional[_Union[TrajectoryRender, _Mapping]] = ..., logos: _Optional[_Union[LogoRender, _Mapping]] = ..., digits: _Optional[_Union[DigitRender, _Mapping]] = ..., cifar_synth: _Optional[_Union[CifarSynthRender, _Mapping]] = ...) -> None: ...
+    def __init__(self, out: _Optional[str] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., workers: _Optional[int] = ..., resume: _Optional[bool] = ..., max_failures: _Optional[str] = ..., cad: _Optional[_Union[CadRender, _Mapping]] = ..., cad_synth: _Optional[_Union[CadSynth, _Mapping]] = ..., trajectories: _Optional[_Union[TrajectoryRender, _Mapping]] = ..., logos: _Optional[_Union[LogoRender, _Mapping]] = ..., digits: _Optional[_Union[DigitRender, _Mapping]] = ..., cifar_synth: _Optional[_Union[CifarSynthRender, _Mapping]] = ...) -> None: ...
 
 class CadRender(_message.Message):
     __slots__ = ("input", "image_size")
