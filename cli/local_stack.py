@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from shared.errors import FailedPrecondition
 from shared.grpc_client import health_status, wait_serving
 from shared.grpc_server import SERVICE_PORTS
 from shared.parallel import process_alive
-from shared.settings import load_settings
+from shared.settings import REPOSITORY_TOKEN_FILE, load_settings
 
 SERVICES = list(SERVICE_PORTS)
 # Two training workers at once locally: a study's parallel trials each get one of the two cores.
@@ -40,6 +41,8 @@ def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str =
     running = {k: v for k, v in read_state().items() if process_alive(v["pid"])}
     log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    if settings.repository_token is None:
+        _write_repository_token(settings.home / REPOSITORY_TOKEN_FILE)
     state = dict(running)
     for name in services or SERVICES:
         if name in running:
@@ -66,6 +69,13 @@ def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str =
         except TimeoutError as exc:
             raise FailedPrecondition(f"{name} did not become ready: {exc}; see {info['log']}") from exc
     return state
+
+
+def _write_repository_token(path: Path) -> None:
+    """A fresh token for the inference service's load/unload, readable by this user only; the services and the
+    clients on this machine find it through the settings (same TRAINYARD_HOME)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secrets.token_urlsafe(32))
 
 
 def status() -> dict[str, dict]:

@@ -51,3 +51,13 @@ class IntegrityError(TrainyardError):
     """Stored bytes do not match their manifest (corruption or a partial write)."""
 
     code = grpc.StatusCode.DATA_LOSS
+
+
+class Unauthenticated(TrainyardError):
+    """The call needs credentials it did not carry (or carried wrong ones)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(TrainyardError):
+    code = grpc.StatusCode.PERMISSION_DENIED

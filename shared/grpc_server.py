@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,11 +25,15 @@ from grpc_reflection.v1alpha import reflection
 from shared import logs
 from shared.errors import TrainyardError
 from shared.metrics import ServerMetrics, start_metrics_server
+from shared.settings import load_settings
 
 log = logs.get_logger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 REQUEST_ID_HEADER = "x-request-id"
+# The file names of a kubernetes.io/tls Secret (cert-manager adds ca.crt), so one can be mounted as the
+# TLS folder (TRAINYARD_TLS_DIR) as it is.
+TLS_CERT, TLS_KEY, TLS_CA = "tls.crt", "tls.key", "ca.crt"
 
 # The local default ports; `trainyard up` and the README's table use the same.
 SERVICE_PORTS: dict[str, tuple[int, int]] = {
@@ -152,6 +157,8 @@ class ServiceHost:
     metrics_port: int | None = None
     _metrics_server: object | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
+    health_port: int | None = None
+    _health_server: grpc.Server | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -165,6 +172,8 @@ class ServiceHost:
         log.info("draining", extra={"service": self.name, "grace_s": grace})
         self.set_serving(False)
         self.server.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         if self._metrics_server is not None:
             self._metrics_server.close()
         self._stopped.set()
@@ -184,12 +193,17 @@ def start(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 16,
     warmup: Callable[[], None] | None = None,
+    tls_dir: Path | None = None,
+    health_port: int | None = None,
 ) -> ServiceHost:
     """Start a server and return once it listens; health turns SERVING when ``warmup`` returns.
 
     ``register(server)`` adds the servicers and returns their full service names (for health and
     reflection). ``warmup`` (loading models, checking the store) runs in a background thread so the
     health service can report NOT_SERVING meanwhile instead of refusing connections.
+    With a TLS folder (``tls_dir``, default the TRAINYARD_TLS_DIR setting) the port speaks TLS only.
+    ``health_port`` adds a plaintext port serving the health service alone: kubelet's gRPC probes
+    cannot speak TLS, and health answers give nothing away.
     """
     from concurrent import futures
 
@@ -210,14 +224,30 @@ def start(
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    tls_dir = tls_dir or load_settings().tls_dir
+    if tls_dir is not None:
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls_dir))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{name}: cannot bind {host}:{port}")
+    health_server, health_bound = None, None
+    if health_port is not None:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{name}-health"),
+                                    options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_bound = health_server.add_insecure_port(f"{host}:{health_port}")
+        if health_bound == 0:
+            raise OSError(f"{name}: cannot bind {host}:{health_port}")
     metrics_server = start_metrics_server(metrics_port, addr=host) if metrics_port is not None else None
-    svc = ServiceHost(name, server, health_servicer, bound, service_names, metrics_port, metrics_server)
+    svc = ServiceHost(name, server, health_servicer, bound, service_names, metrics_port, metrics_server,
+                      health_port=health_bound, _health_server=health_server)
     svc.set_serving(False)
     server.start()
-    log.info("listening", extra={"service": name, "port": bound, "metrics_port": metrics_port})
+    if health_server is not None:
+        health_server.start()
+    log.info("listening", extra={"service": name, "port": bound, "metrics_port": metrics_port,
+                                 "tls": tls_dir is not None, "health_port": health_bound})
 
     def _warm() -> None:
         try:
@@ -234,6 +264,15 @@ def start(
     return svc
 
 
+def server_credentials(tls_dir: Path) -> grpc.ServerCredentials:
+    """The certificate chain and private key in ``tls_dir``."""
+    cert, key = tls_dir / TLS_CERT, tls_dir / TLS_KEY
+    missing = [p.name for p in (cert, key) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"TLS is on (TLS folder {tls_dir}) but {' and '.join(missing)} is missing there")
+    return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+
+
 def service_arg_parser(name: str) -> argparse.ArgumentParser:
     grpc_port, metrics_port = SERVICE_PORTS[name]
     parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"trainyard {name} service")
@@ -244,6 +283,12 @@ def service_arg_parser(name: str) -> argparse.ArgumentParser:
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
     parser.add_argument("--max-workers", type=int, default=16, help="RPCs handled at once (threads)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--tls-dir", type=Path, default=None,
+                        help=f"serve TLS only, with {TLS_CERT} and {TLS_KEY} from this folder (default: "
+                             "$TRAINYARD_TLS_DIR; unset: plaintext)")
+    parser.add_argument("--health-port", type=int, default=None,
+                        help="also serve the health service alone, in plaintext, on this port (for kubelet's "
+                             "gRPC probes, which cannot speak TLS)")
     return parser
 
 
@@ -265,6 +310,8 @@ def serve(
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         max_workers=args.max_workers,
         warmup=warmup,
+        tls_dir=args.tls_dir,
+        health_port=args.health_port,
     )
 
     def _shutdown(signum, _frame):

@@ -25,12 +25,14 @@ from shared.grpc_client import channel
 from shared.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from shared.pb import inference_pb2 as pb
 from shared.pb import inference_pb2_grpc
+from shared.settings import load_settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 _TYPED = {cls.code: cls for cls in (
     errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition,
     errors.ResourceExhausted, errors.Unavailable, errors.Cancelled, errors.Unimplemented, errors.IntegrityError,
+    errors.Unauthenticated, errors.PermissionDenied,
 )}
 
 
@@ -126,11 +128,14 @@ class InferenceClient:
     """``with InferenceClient("127.0.0.1:50055") as c: c.classify("mnist", images, top_k=3)``.
 
     Failures raise the typed errors of ``shared.errors`` (NotFound for an unknown model, ...).
+    ``token`` (default: the TRAINYARD_REPOSITORY_TOKEN setting) is sent with load/unload only.
     """
 
-    def __init__(self, address: str, *, timeout: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, address: str, *, timeout: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 token: str | None = None):
         self.address = address
         self.timeout = timeout
+        self._token = token if token is not None else load_settings().repository_token
         self._channel = channel(address, max_message_bytes)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
@@ -143,9 +148,9 @@ class InferenceClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, metadata: tuple[tuple[str, str], ...] | None = None):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             raise _typed_error(exc, self.address) from None
 
@@ -173,11 +178,16 @@ class InferenceClient:
         params = _vparam(version)
         if alias:
             params["alias"] = pb.ModelRepositoryParameter(string_param=alias)
-        self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=model, parameters=params))
+        self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=model, parameters=params),
+                   self._authorization())
 
     def unload_model(self, model: str, version: str | int | None = None) -> None:
-        self._call("RepositoryModelUnload",
-                   pb.RepositoryModelUnloadRequest(model_name=model, parameters=_vparam(version)))
+        request = pb.RepositoryModelUnloadRequest(model_name=model, parameters=_vparam(version))
+        self._call("RepositoryModelUnload", request, self._authorization())
+
+    def _authorization(self) -> tuple[tuple[str, str], ...] | None:
+        # The server refuses load/unload without it, with a message that says what to set.
+        return (("authorization", f"Bearer {self._token}"),) if self._token else None
 
     # ---- inference
 

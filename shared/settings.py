@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+REPOSITORY_TOKEN_FILE = "repository-token"
+
 
 class Settings(BaseModel):
     home: Path
@@ -22,6 +24,11 @@ class Settings(BaseModel):
     s3_secure: bool
     s3_region: str | None
     pushgateway: str | None
+    # A folder laid out like a kubernetes.io/tls Secret: tls.crt + tls.key turn TLS on for every server,
+    # ca.crt (or tls.crt when self-signed) is what every client trusts.
+    tls_dir: Path | None
+    # Bearer token for the inference service's repository control (load/unload); None disables it.
+    repository_token: str | None
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -38,4 +45,14 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         s3_secure=env.get("TRAINYARD_S3_SECURE", "false").lower() in ("1", "true", "yes"),
         s3_region=env.get("AWS_REGION"),
         pushgateway=env.get("TRAINYARD_PUSHGATEWAY"),
+        tls_dir=Path(env["TRAINYARD_TLS_DIR"]).expanduser() if env.get("TRAINYARD_TLS_DIR") else None,
+        repository_token=env.get("TRAINYARD_REPOSITORY_TOKEN") or _read_token(home / REPOSITORY_TOKEN_FILE),
     )
+
+
+def _read_token(path: Path) -> str | None:
+    # `trainyard up` writes one here, so the local stack and the clients on this machine share it.
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None

@@ -10,9 +10,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from shared import errors
-from shared.grpc_client import channel, health_status
+from shared.grpc_client import channel, health_status, wait_serving
 from shared.grpc_server import REQUEST_ID_HEADER, start
 from shared.pb import train_pb2, train_pb2_grpc
+from tests.harness.tls import make_tls_dir
 
 
 class _Servicer(train_pb2_grpc.TrainServiceServicer):
@@ -156,3 +157,34 @@ def test_a_stream_the_client_cancels_counts_as_cancelled_not_as_an_error(host):
     for code in ("INTERNAL", "UNKNOWN"):
         assert not REGISTRY.get_sample_value("trainyard_grpc_requests_total", {**labels, "code": code})
     assert _stub(host).GetRun(train_pb2.GetRunRequest(run_id="ok"), timeout=5).run_id == "ok"
+
+
+def test_tls_port_refuses_plaintext_and_health_port_serves_probes(tmp_path, monkeypatch):
+    tls = make_tls_dir(tmp_path / "tls")
+    svc = start("tls-test", _register, tls_dir=tls, health_port=0, warmup=lambda: None)
+    addr = f"127.0.0.1:{svc.port}"
+    try:
+        monkeypatch.setenv("TRAINYARD_TLS_DIR", str(tls))  # what the clients read
+        wait_serving(addr, deadline_s=10)
+        assert _stub(svc).GetRun(train_pb2.GetRunRequest(run_id="ok"), timeout=5).run_id == "ok"
+        with grpc.insecure_channel(addr) as plain, pytest.raises(grpc.RpcError) as info:
+            train_pb2_grpc.TrainServiceStub(plain).GetRun(train_pb2.GetRunRequest(run_id="ok"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Kubelet's gRPC probes speak plaintext: the health port answers them, and serves nothing else.
+        with grpc.insecure_channel(f"127.0.0.1:{svc.health_port}") as plain:
+            answer = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                train_pb2_grpc.TrainServiceStub(plain).GetRun(train_pb2.GetRunRequest(run_id="ok"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        svc.stop(grace=1)
+    with grpc.insecure_channel(f"127.0.0.1:{svc.health_port}") as plain, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=1)
+
+
+def test_tls_without_its_key_fails_at_start_and_says_which_file(tmp_path):
+    tls = make_tls_dir(tmp_path / "tls")
+    (tls / "tls.key").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tls\.key is missing"):
+        start("tls-test", _register, tls_dir=tls)

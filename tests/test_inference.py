@@ -35,6 +35,9 @@ from tests.harness import ManagedProcess, free_ports, tcp_probe
 MNIST_MEAN, MNIST_STD = [0.1307], [0.3081]
 RGB_CLASSES = ["simple", "text", "gradient", "complex"]
 MAX_MESSAGE = 1024 * 1024
+# Load/unload need the repository token (tests/test_security.py covers the refusals).
+TOKEN = "test-repository-token"
+AUTHORIZED = (("authorization", f"Bearer {TOKEN}"),)
 
 
 def publish_random(store, name: str, seed: int, *, in_chans: int = 1, size: int = 28,
@@ -115,7 +118,7 @@ def served(tmp_path_factory):
     repo = ModelRepository(store, max_batch_size=8, max_queue_delay_ms=1.0)
     metrics_port = free_ports(1)[0]
     host, _ = start_server(repo, [ModelRef("digits", 1), ModelRef("digits"), ModelRef("rgb")],
-                           metrics_port=metrics_port, max_message_bytes=MAX_MESSAGE)
+                           metrics_port=metrics_port, max_message_bytes=MAX_MESSAGE, repository_token=TOKEN)
     address = f"127.0.0.1:{host.port}"
     wait_serving(address, deadline_s=60)
     ch = channel(address, max_message_bytes=8 * MAX_MESSAGE)  # lets an oversized request reach the server
@@ -305,12 +308,12 @@ def test_repository_index_load_unload(served):
 
     load = pb.RepositoryModelLoadRequest(model_name="spare")
     load.parameters["version"].string_param = "1"
-    stub.RepositoryModelLoad(load)
+    stub.RepositoryModelLoad(load, metadata=AUTHORIZED)
     assert stub.ModelReady(pb.ModelReadyRequest(name="spare")).ready
     assert stub.ModelReady(pb.ModelReadyRequest(name="spare", version="1")).ready
     assert stub.ModelInfer(infer_request("spare", images)).model_version == "1"
 
-    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="spare"))
+    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="spare"), metadata=AUTHORIZED)
     assert not stub.ModelReady(pb.ModelReadyRequest(name="spare")).ready
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(infer_request("spare", images))
@@ -320,10 +323,10 @@ def test_repository_index_load_unload(served):
 
     for bad, code in (("missing", grpc.StatusCode.NOT_FOUND), ("../x", grpc.StatusCode.INVALID_ARGUMENT)):
         with pytest.raises(grpc.RpcError) as err:
-            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=bad))
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=bad), metadata=AUTHORIZED)
         assert err.value.code() == code
     with pytest.raises(grpc.RpcError) as err:
-        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="spare"))
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="spare"), metadata=AUTHORIZED)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 

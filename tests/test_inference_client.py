@@ -17,7 +17,7 @@ from shared.inference_client import InferenceClient, expand_image_paths
 from shared.modelcard import ModelRef
 from shared.storage import open_store
 from tests.harness import free_ports
-from tests.test_inference import RGB_CLASSES, digits_nhwc, metric, publish_random, reference_probs, scrape
+from tests.test_inference import RGB_CLASSES, TOKEN, digits_nhwc, metric, publish_random, reference_probs, scrape
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def server(tmp_path_factory):
     repo = ModelRepository(store, max_batch_size=8, max_queue_delay_ms=1.0)
     metrics_port = free_ports(1)[0]
     host, _ = start_server(repo, [ModelRef("client-digits", 1), ModelRef("client-digits", 2), ModelRef("client-rgb")],
-                           metrics_port=metrics_port)
+                           metrics_port=metrics_port, repository_token=TOKEN)
     address = f"127.0.0.1:{host.port}"
     wait_serving(address, deadline_s=60)
     yield {"address": address, "store": store, "metrics_port": metrics_port}
@@ -60,7 +60,7 @@ def test_classify_top_k_mixed_inputs(server):
 def test_infer_and_versions_and_repository(server):
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
-    with InferenceClient(server["address"]) as client:
+    with InferenceClient(server["address"], token=TOKEN) as client:
         res = client.infer("client-rgb", rgb, top_k=10)
         assert res.probabilities.shape == (3, 4) and np.allclose(res.probabilities.sum(1), 1, atol=1e-5)
         assert all(len(row) == 4 and set(row) == set(RGB_CLASSES) for row in res.labels)  # top_k clamped

@@ -4,12 +4,14 @@
 Any KServe v2 or Triton gRPC client works unchanged; the wire format (inputs ``images`` / ``tensor`` /
 ``encoded``, outputs ``probabilities`` / ``labels``) is in ``services.inference.protocol``. ``model_version``
 selects a loaded version, empty means the newest loaded one. RepositoryModelLoad/Unload take an optional
-``version`` parameter (string or int64).
+``version`` parameter (string or int64); they change what every client is served, so they need the repository
+token (``authorization: Bearer <token>`` metadata) and are refused on a server that has none.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import hmac
 import os
 import threading
 from contextlib import contextmanager
@@ -21,18 +23,20 @@ import torch
 from services.inference import protocol
 from services.inference.batcher import families
 from services.inference.repository import ModelRepository, default_threads, parse_model_specs, parse_version
-from shared.errors import TrainyardError
+from shared.errors import PermissionDenied, TrainyardError, Unauthenticated
 from shared.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServiceHost, serve, service_arg_parser, start
 from shared.logs import get_logger
 from shared.modelcard import ModelRef, parse_model_ref
 from shared.pb import inference_pb2 as pb
 from shared.pb import inference_pb2_grpc
+from shared.settings import load_settings
 from shared.storage import open_store
 
 log = get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trainyard-inference"
+AUTHORIZATION_HEADER = "authorization"
 
 
 def _server_version() -> str:
@@ -43,8 +47,10 @@ def _server_version() -> str:
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, startup_models: list[ModelRef] | str = ()):
+    def __init__(self, repository: ModelRepository, startup_models: list[ModelRef] | str = (),
+                 repository_token: str | None = None):
         self.repository = repository
+        self._repository_token = repository_token
         self._startup = startup_models
         self._ready = threading.Event()
         self._requests = families().requests
@@ -131,7 +137,21 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             for e in self.repository.index(ready_only=request.ready)
         ])
 
+    def _authorize_repository_control(self, context) -> None:
+        """Load/unload change what every client is served: only holders of the repository token may call them."""
+        if not self._repository_token:
+            raise PermissionDenied("repository control (RepositoryModelLoad/Unload) is disabled on this server: "
+                                   "start it with TRAINYARD_REPOSITORY_TOKEN set to enable it")
+        sent = dict(context.invocation_metadata()).get(AUTHORIZATION_HEADER)
+        if not sent:
+            raise Unauthenticated("repository control needs the repository token: send 'authorization: Bearer "
+                                  "<token>' metadata (InferenceClient sends TRAINYARD_REPOSITORY_TOKEN)")
+        # Constant time: how much of a guess matched must not show in the answer's timing.
+        if not hmac.compare_digest(sent.encode(), f"Bearer {self._repository_token}".encode()):
+            raise Unauthenticated("repository control: the bearer token is not the repository token")
+
     def RepositoryModelLoad(self, request, context):
+        self._authorize_repository_control(context)
         # The name may be a reference (``models:/name@champion``); a ``version`` or ``alias`` parameter too.
         ref = parse_model_ref(request.model_name)
         version = parse_version(protocol.repository_version(request.parameters))
@@ -140,6 +160,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request, context):
+        self._authorize_repository_control(context)
         self.repository.unload(request.model_name, parse_version(protocol.repository_version(request.parameters)))
         return pb.RepositoryModelUnloadResponse()
 
@@ -153,10 +174,11 @@ def register(server: grpc.Server, servicer: InferenceServicer | None = None) -> 
 
 def start_server(repository: ModelRepository, models: list[ModelRef] | str = (), *,
                  port: int = 0, metrics_port: int | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[ServiceHost, InferenceServicer]:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 repository_token: str | None = None) -> tuple[ServiceHost, InferenceServicer]:
     """Start the service in this process (tests, benchmarks); health turns SERVING once ``models`` load.
-    Stop with ``host.stop()`` then ``repository.close()``."""
-    servicer = InferenceServicer(repository, models)
+    Without ``repository_token`` load/unload are refused. Stop with ``host.stop()`` then ``repository.close()``."""
+    servicer = InferenceServicer(repository, models, repository_token)
     host = start("inference", functools.partial(register, servicer=servicer), port=port,
                  metrics_port=metrics_port, max_message_bytes=max_message_bytes, warmup=servicer.warmup)
     return host, servicer
@@ -185,6 +207,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, args.threads))
     repository = ModelRepository(open_store(args.store), max_batch_size=args.max_batch_size,
                                  max_queue_delay_ms=args.max_queue_delay_ms, quantize=args.quantize)
-    servicer = InferenceServicer(repository, parse_model_specs(args.models))
+    servicer = InferenceServicer(repository, parse_model_specs(args.models), load_settings().repository_token)
     serve("inference", functools.partial(register, servicer=servicer), args, warmup=servicer.warmup,
           on_stop=repository.close)
