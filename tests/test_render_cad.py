@@ -5,6 +5,7 @@ import io
 import json
 import math
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -137,17 +138,40 @@ def test_cut_removes_material():
     assert right == pytest.approx(left / 2, rel=0.04)
 
 
+# DeepCAD's cadlib (create_by_extrude) builds a prism of extent_one along the sketch normal (a negative
+# value goes the other way); symmetric unites it with its mirror image, two-sided with a prism of
+# extent_two against the normal (signed likewise). Every side starts on the sketch plane.
 @pytest.mark.parametrize("extent,d1,d2,zrange", [
     ("one", 0.2, 0.0, (0.0, 0.2)),
-    ("sym", 0.1, 0.0, (-0.1, 0.1)),  # extent_one holds half the depth
-    ("two", 0.15, 0.05, (-0.05, 0.15)),
+    ("one", -0.2, 0.0, (-0.2, 0.0)),  # one side, negative: against the normal
+    ("sym", 0.1, 0.0, (-0.1, 0.1)),  # extent_one is the depth on each side
+    ("sym", -0.1, 0.0, (-0.1, 0.1)),
+    ("two", 0.15, 0.05, (-0.05, 0.15)),  # both positive: one side each way
+    ("two", -0.02, 0.02, (-0.02, 0.0)),  # the issue's case: both sides against the normal, the same prism
+    ("two", -0.1, 0.2, (-0.2, 0.0)),  # negative extent_one: both sides against the normal, overlapping
+    ("two", 0.15, -0.05, (0.0, 0.15)),  # negative extent_two: both along the normal, the shorter inside
+    ("two", -0.1, -0.05, (-0.1, 0.05)),  # both negative: one side each way, mirrored
+    ("two", 0.0, 0.1, (-0.1, 0.0)),  # a zero side adds nothing
 ])
-def test_extent_types_give_right_depth(extent, d1, d2, zrange):
-    data = model({"loops": [rect(-0.2, -0.2, 0.2, 0.2)], "extent": extent, "d1": d1, "d2": d2})
-    bb = rebuild(parse_cad(data)).bounding_box()
+def test_extent_types_and_signs_follow_deepcad(extent, d1, d2, zrange):
+    slab = {"loops": [rect(-0.3, -0.2, 0.2, 0.2)], "extent": extent, "d1": d1, "d2": d2}
+    solid = rebuild(parse_cad(model(slab)))
+    bb = solid.bounding_box()
     assert (bb[2], bb[5]) == pytest.approx(zrange, abs=1e-9)
-    w, h = extent_px(views(data)["front"])
-    assert w / h == pytest.approx(0.4 / (zrange[1] - zrange[0]), rel=0.03)
+    # United, not stacked: overlapping sides count once.
+    assert solid.volume() == pytest.approx(0.5 * 0.4 * (zrange[1] - zrange[0]), rel=1e-6)
+
+    # In pixels, against a post beside the slab that spans z in [-0.3, 0.3]: where the slab sits, not
+    # only how thick it is.
+    post = {"loops": [rect(0.25, -0.05, 0.35, 0.05)], "origin": (0, 0, -0.3), "op": "join", "d1": 0.6}
+    front = fg(views(model(slab, post))["front"])
+    cols = np.nonzero(front.any(0))[0]
+    post_rows = np.nonzero(front[:, cols[-1] - 5])[0]
+    slab_rows = np.nonzero(front[:, cols[0] + 5])[0]
+    scale = (post_rows[-1] + 1 - post_rows[0]) / 0.6  # pixels per unit
+    z_top = 0.3 - (slab_rows[0] - post_rows[0]) / scale
+    z_bottom = 0.3 - (slab_rows[-1] + 1 - post_rows[0]) / scale
+    assert (z_bottom, z_top) == pytest.approx(zrange, abs=0.004)
 
 
 def _d_shape(arc):
@@ -247,6 +271,9 @@ def test_bad_fields_raise_typed_errors():
     zero = model({"loops": [rect(-0.2, -0.1, 0.2, 0.1)], "d1": 0.0})
     with pytest.raises(CadFormatError, match="zero extrude depth"):
         parse_cad(zero)
+    zero_sides = model({"loops": [rect(-0.2, -0.1, 0.2, 0.1)], "extent": "two", "d1": 0.0, "d2": 0.0})
+    with pytest.raises(CadFormatError, match="zero extrude depth"):
+        parse_cad(zero_sides)
 
 
 def test_synth_models_all_rebuild_and_are_deterministic():
@@ -291,3 +318,33 @@ def test_cad_job_reads_inputs_from_a_store_url(tmp_path):
     # Workers get a pickled copy; the open store client stays behind and is reopened there.
     clone = pickle.loads(pickle.dumps(job))
     assert clone._store is None and clone.render_shard(0, 0, 1) == files
+
+
+# ---- many-point loops, time budgets and client deadlines (issue 14, item 4) ----
+
+def _polygon_loop(n: int, radius: float = 0.3, seed: int = 0) -> list[dict]:
+    """A regular n-gon as n lines, listed in random order with half of them reversed, as DeepCAD may."""
+    t = np.linspace(0.0, 2 * math.pi, n, endpoint=False)
+    pts = [(radius * math.cos(a), radius * math.sin(a)) for a in t]
+    lines = [line(pts[i], pts[(i + 1) % n]) for i in range(n)]
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(n, n // 2, replace=False):
+        lines[i] = line(pts[(i + 1) % n], pts[i])
+    first, rest = lines[0], lines[1:]
+    return [first] + [rest[i] for i in rng.permutation(n - 1)]
+
+
+@pytest.mark.timeout(60)
+def test_a_loop_of_ten_thousand_curves_chains_in_well_under_a_second():
+    from services.render.cad.geometry import loop_polygon
+
+    n = 10_000
+    loop = parse_cad(model({"loops": [_polygon_loop(n)], "d1": 0.1})).sketches["S0"].profiles["p"].loops[0]
+    t0 = time.perf_counter()
+    poly = loop_polygon(loop)
+    assert time.perf_counter() - t0 < 0.5
+    # Every vertex once, each step to a neighbour on the circle: the n-gon's edge length.
+    assert poly.shape == (n, 2)
+    steps = np.linalg.norm(np.diff(np.vstack([poly, poly[:1]]), axis=0), axis=1)
+    assert steps == pytest.approx(2 * 0.3 * math.sin(math.pi / n), rel=1e-6)
+    assert len({(round(x, 9), round(y, 9)) for x, y in poly}) == n

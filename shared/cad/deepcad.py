@@ -107,14 +107,20 @@ class Extrude:
     distance_two: float
 
     def z_range(self) -> tuple[float, float]:
-        """Extent along the sketch normal. Symmetric stores half the depth in extent_one."""
+        """Extent along the sketch normal, as DeepCAD's cadlib builds it (``create_by_extrude``).
+
+        cadlib extrudes a prism of extent_one along the normal (a negative value points it the other
+        way); symmetric unites it with its mirror image, two-sided with a prism of extent_two against the
+        normal (signed the same way). Each side starts on the sketch plane, so their union is the one
+        range from the lowest to the highest of 0 and the sides' far ends; a zero side adds nothing.
+        """
         if self.extent == "symmetric":
-            lo, hi = -abs(self.distance_one), abs(self.distance_one)
+            ends = (self.distance_one, -self.distance_one)
         elif self.extent == "two_sides":
-            lo, hi = -self.distance_two, self.distance_one
+            ends = (self.distance_one, -self.distance_two)
         else:
-            lo, hi = 0.0, self.distance_one
-        return (min(lo, hi), max(lo, hi))
+            ends = (self.distance_one,)
+        return (min(0.0, *ends), max(0.0, *ends))
 
 
 @dataclass(frozen=True)

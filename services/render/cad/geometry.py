@@ -12,6 +12,7 @@ import math
 import numpy as np
 from manifold3d import CrossSection, FillRule, Manifold, OpType
 
+from shared import deadlines
 from shared.cad.deepcad import Arc, CadFormatError, CadModel, Circle, Curve, Extrude, Line, Loop
 
 # Segments for a full circle; arcs get a share proportional to their sweep. 64 keeps round holes
@@ -51,34 +52,72 @@ def curve_points(curve: Curve, segments: int = CIRCLE_SEGMENTS) -> np.ndarray:
     raise CadFormatError(f"unsupported curve {type(curve).__name__}")
 
 
+def _ring(kx: int, ky: int, r: int) -> list[tuple[int, int]]:
+    """The grid cells at Chebyshev distance ``r`` from cell (kx, ky)."""
+    if r == 0:
+        return [(kx, ky)]
+    side = range(-r, r + 1)
+    return ([(kx + d, ky - r) for d in side] + [(kx + d, ky + r) for d in side]
+            + [(kx - r, ky + d) for d in side[1:-1]] + [(kx + r, ky + d) for d in side[1:-1]])
+
+
 def loop_polygon(loop: Loop, segments: int = CIRCLE_SEGMENTS) -> np.ndarray:
     """A closed polygon (k, 2) for one loop, chaining curves head to tail.
 
     DeepCAD does not promise that a loop's curves are listed head to tail or point the same way, so
-    each next curve is the unused one with an end nearest the current end, reversed if needed.
+    each next curve is the unused one with an end nearest the current end, reversed if needed (ties:
+    a start before an end, then the earlier curve). Ends are bucketed in a grid about one curve long
+    per cell, searched ring by ring outwards from the current end, so a step looks at a few cells
+    instead of every curve (loops can have 10k curves).
     """
     if len(loop.curves) == 1 and isinstance(loop.curves[0], Circle):
         return curve_points(loop.curves[0], segments)
     if any(isinstance(c, Circle) for c in loop.curves):
         raise CadFormatError("a circle must be the only curve of its loop")
-    pieces = [curve_points(c, segments) for c in loop.curves]
+    pieces = []
+    for c in loop.curves:
+        deadlines.check()
+        pieces.append(curve_points(c, segments))
     allpts = np.concatenate(pieces)
     diag = float(np.linalg.norm(allpts.max(0) - allpts.min(0)))
     tol = max(1e-9, 1e-2 * diag)
+    # End 2i is curve i's start, 2i + 1 its end.
+    ends = np.array([p[k] for p in pieces for k in (0, -1)], dtype=np.float64)
+    chords = np.linalg.norm(ends[1::2] - ends[0::2], axis=1)
+    # At least tol / 256 wide, so proving that nothing lies within tol takes at most 257 rings.
+    cell = min(tol, max(float(np.median(chords)), tol / 256))
+    grid: dict[tuple[int, int], list[int]] = {}
+    for e, key in enumerate(map(tuple, np.floor(ends / cell).astype(np.int64).tolist())):
+        grid.setdefault(key, []).append(e)
+    xy = ends.tolist()
+    used = [False] * len(pieces)
+    used[0] = True
     chain = [pieces[0]]
-    rest = pieces[1:]
-    while rest:
-        end = chain[-1][-1]
-        d_start = [float(np.linalg.norm(p[0] - end)) for p in rest]
-        d_end = [float(np.linalg.norm(p[-1] - end)) for p in rest]
-        i_s, i_e = int(np.argmin(d_start)), int(np.argmin(d_end))
-        if d_start[i_s] <= d_end[i_e]:
-            gap, nxt = d_start[i_s], rest.pop(i_s)
-        else:
-            gap, nxt = d_end[i_e], rest.pop(i_e)[::-1]
+    ex, ey = xy[1]  # the chain's current end
+    for _ in range(len(pieces) - 1):
+        deadlines.check()
+        kx, ky = math.floor(ex / cell), math.floor(ey / cell)
+        best = (math.inf, 0, 0)  # (distance, 0 start / 1 end, curve): the tie order is the tuple order
+        r = 0
+        while True:
+            for key in _ring(kx, ky, r):
+                for e in grid.get(key, ()):
+                    if not used[e >> 1]:
+                        x, y = xy[e]
+                        best = min(best, (math.sqrt((x - ex) ** 2 + (y - ey) ** 2), e & 1, e >> 1))
+            # Ends outside the rings searched so far lie at least this far away (less a rounding hair).
+            reach = r * cell * 0.999
+            if best[0] < reach or reach > tol:
+                break
+            r += 1
+        gap, is_end, curve = best
         if gap > tol:
+            # Nothing within tol: the gap to the nearest unused end, wherever it is, names the problem.
+            gap = min(math.sqrt((x - ex) ** 2 + (y - ey) ** 2) for e, (x, y) in enumerate(xy) if not used[e >> 1])
             raise CadFormatError(f"loop is not closed: gap of {gap:.4g} between curves")
-        chain.append(nxt)
+        used[curve] = True
+        chain.append(pieces[curve][::-1] if is_end else pieces[curve])
+        ex, ey = xy[2 * curve + 1 - is_end]
     closing = float(np.linalg.norm(chain[-1][-1] - chain[0][0]))
     if closing > tol:
         raise CadFormatError(f"loop is not closed: gap of {closing:.4g} between its last and first curve")
