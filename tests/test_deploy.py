@@ -25,6 +25,7 @@ from tests.harness.kube import (
     admits,
     docs,
     find,
+    kustomize_with_credentials,
     pod_labels,
     pod_spec,
     render_chart,
@@ -57,9 +58,11 @@ def test_kustomize_builds_and_validates_strictly(kustomized):
     kinds = {(o["kind"], o["metadata"]["name"]) for o in kustomized}
     for expected in [("Namespace", NAMESPACE), ("StatefulSet", "minio"), ("Job", "minio-buckets"),
                      ("Deployment", "mlflow"), ("Deployment", "prometheus"), ("Deployment", "pushgateway"),
-                     ("ConfigMap", "trainyard-config"), ("Secret", "trainyard-s3"),
+                     ("ConfigMap", "trainyard-config"),
                      ("ServiceAccount", "trainyard-train-job"), ("Role", "trainyard-train-jobs")]:
         assert expected in kinds
+    # No credentials ship in k8s/: k8s/credentials generates them (test_deploy_security.py).
+    assert not [o for o in kustomized if o["kind"] == "Secret"]
     for name in SERVICES:
         for expected in [("Deployment", name), ("Service", name), ("ServiceAccount", f"trainyard-{name}")]:
             assert expected in kinds
@@ -146,7 +149,7 @@ def test_chart_workloads_follow_platform_rules(variant, rendered):
     _check_workloads(rendered[variant])
 
 
-def test_config_and_secret_agree_between_chart_and_kustomize(kustomized, rendered):
+def test_config_and_secret_agree_between_chart_and_kustomize(kustomized, rendered, tmp_path):
     k_cfg = find(kustomized, "ConfigMap", "trainyard-config")["data"]
     h_cfg = find(rendered["default"], "ConfigMap", "trainyard-config")["data"]
     assert k_cfg == h_cfg
@@ -156,9 +159,10 @@ def test_config_and_secret_agree_between_chart_and_kustomize(kustomized, rendere
     assert k_cfg["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert k_cfg["TRAINYARD_PUSHGATEWAY"] == "pushgateway:9091"
     assert k_cfg["TRAINYARD_HOME"] == "/tmp/trainyard"
+    keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(find(rendered["default"], "Secret", "trainyard-s3")["stringData"]) == keys
+    assert set(find(kustomize_with_credentials(tmp_path, "x" * 40), "Secret", "trainyard-s3")["data"]) == keys
     for objs in (kustomized, rendered["default"]):
-        assert set(find(objs, "Secret", "trainyard-s3")["stringData"]) == {"AWS_ACCESS_KEY_ID",
-                                                                            "AWS_SECRET_ACCESS_KEY"}
         # The endpoints the ConfigMap names are Services of the stack.
         for svc, port in [("minio", 9000), ("mlflow", 5000), ("pushgateway", 9091)]:
             assert port in {p["port"] for p in find(objs, "Service", svc)["spec"]["ports"]}
@@ -265,8 +269,18 @@ def _check_network_flows(objs: list[dict]) -> None:
                (stranger, svc["train"], 50051), (svc["render"], minio, 9001), (stranger, prom, 9090)]
     for src, dst, port in blocked:
         assert not admits(policies, src, dst, port), f"{src} -> {dst}:{port} should be blocked"
-    assert admits(policies, stranger, svc["inference"], 50051, same_namespace=False)
-    assert not admits(policies, stranger, svc["train"], 50051, same_namespace=False)
+    # Other namespaces reach inference only when labelled as its clients, and nothing else at all; a
+    # cluster-wide Prometheus in `monitoring` scrapes the metrics ports.
+    client_ns = {"trainyard.io/inference-client": "true"}
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    assert admits(policies, stranger, svc["inference"], 50051, same_namespace=False, src_namespace=client_ns)
+    assert not admits(policies, stranger, svc["inference"], 50051, same_namespace=False)
+    assert not admits(policies, stranger, svc["inference"], 50051, same_namespace=False, src_namespace=monitoring)
+    assert not admits(policies, stranger, svc["train"], 50051, same_namespace=False, src_namespace=client_ns)
+    for n in SERVICES:
+        assert admits(policies, stranger, svc[n], 9090, same_namespace=False, src_namespace=monitoring), n
+        assert not admits(policies, stranger, svc[n], 9090, same_namespace=False, src_namespace=client_ns), n
+        assert not admits(policies, stranger, svc[n], 9090, same_namespace=False), n
 
 
 def test_network_policies_admit_only_the_needed_flows(kustomized, rendered):

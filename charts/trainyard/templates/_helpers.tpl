@@ -58,3 +58,11 @@ http://mlflow:5000
 {{- required "externalMlflow.trackingUri is required when mlflow.enabled is false" .Values.externalMlflow.trackingUri -}}
 {{- end -}}
 {{- end -}}
+
+
+{{/* A generated secret value: the one the release's Secret already holds (so upgrades keep it), else a new
+random one. lookup finds nothing without a cluster (helm template), so each such render draws anew. */}}
+{{- define "trainyard.keptOrRandom" -}}
+{{- $existing := get (lookup "v1" "Secret" .root.Release.Namespace .secret | default dict) "data" | default dict -}}
+{{- get $existing .key | b64dec | default (randAlphaNum 40) -}}
+{{- end -}}
