@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import threading
 import time
@@ -45,8 +46,60 @@ SERVICE_PORTS: dict[str, tuple[int, int]] = {
 }
 
 
-def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_response: bool) -> Callable:
-    """Run one RPC with a request id, error mapping and metrics."""
+# Calls that must answer under any load: a kubelet probe refused for overload would restart a busy pod.
+_NEVER_REFUSED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Threads beyond the admission limit, so refusing a call never waits behind the admitted ones.
+_SPARE_THREADS = 4
+# Object reprs and addresses ("<Foo object at 0x7f...>") say nothing to a client and leak process layout.
+_ADDRESS = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+
+
+def client_message(text: str) -> str:
+    """A status message as a client may see it: no object reprs, no memory addresses."""
+    return _ADDRESS.sub("<object>", text)
+
+
+class Admission:
+    """At most ``limit`` calls run at once; one more is refused at once with RESOURCE_EXHAUSTED, and counted.
+
+    Without it, calls beyond the thread pool wait in its unbounded queue until the client's deadline cancels
+    them: under 5,000 concurrent calls thousands came back CANCELLED and never reached the metrics.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"admission limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def try_enter(self) -> bool:
+        with self._lock:
+            if self._running >= self.limit:
+                return False
+            self._running += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+
+
+def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_response: bool,
+          admission: Admission | None = None) -> Callable:
+    """Run one RPC with admission control, a request id, error mapping and metrics."""
+    if method.startswith(_NEVER_REFUSED):
+        admission = None
+
+    def _admit(context: grpc.ServicerContext) -> None:
+        if admission is not None and not admission.try_enter():
+            metrics.observe(method, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"server overloaded: {admission.limit} calls already in flight; retry with backoff")
+
+    def _leave() -> None:
+        if admission is not None:
+            admission.leave()
 
     def _start(context: grpc.ServicerContext) -> str:
         rid = dict(context.invocation_metadata()).get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
@@ -58,11 +111,12 @@ def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_res
     def _fail(exc: BaseException, context: grpc.ServicerContext, rid: str) -> None:
         if isinstance(exc, TrainyardError):
             log.info("request rejected", extra={"method": method, "code": exc.code.name, "error": str(exc)})
-            context.abort(exc.code, str(exc))
+            context.abort(exc.code, client_message(str(exc)))
         if context.code() not in (None, grpc.StatusCode.OK):
             raise exc  # the handler aborted with its own status
         log.exception("unhandled error", extra={"method": method})
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}): {exc}")
+        context.abort(grpc.StatusCode.INTERNAL,
+                      f"internal error in {method} (request id {rid}): {client_message(str(exc))}")
 
     def _code(context: grpc.ServicerContext, exc: BaseException | None) -> str:
         if isinstance(exc, TrainyardError):
@@ -75,6 +129,7 @@ def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_res
     if streaming_response:
 
         def stream_handler(request, context):
+            _admit(context)
             rid = _start(context)
             start = time.perf_counter()
             error, code = None, None
@@ -89,11 +144,13 @@ def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_res
                     error = exc
                     _fail(exc, context, rid)
                 finally:
+                    _leave()
                     metrics.observe(method, code or _code(context, error), time.perf_counter() - start)
 
         return stream_handler
 
     def unary_handler(request, context):
+        _admit(context)
         rid = _start(context)
         start = time.perf_counter()
         error = None
@@ -104,16 +161,18 @@ def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_res
                 error = exc
                 _fail(exc, context, rid)
             finally:
+                _leave()
                 metrics.observe(method, _code(context, error), time.perf_counter() - start)
 
     return unary_handler
 
 
 class DomainErrorInterceptor(grpc.ServerInterceptor):
-    """Maps typed domain errors to status codes and records per-method metrics, for every RPC."""
+    """Admits, maps typed domain errors to status codes and records per-method metrics, for every RPC."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, admission: Admission | None = None):
         self._metrics = metrics
+        self._admission = admission
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -122,24 +181,24 @@ class DomainErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap(handler.unary_unary, method, self._metrics, False),
+                _wrap(handler.unary_unary, method, self._metrics, False, self._admission),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap(handler.unary_stream, method, self._metrics, True),
+                _wrap(handler.unary_stream, method, self._metrics, True, self._admission),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap(handler.stream_unary, method, self._metrics, False),
+                _wrap(handler.stream_unary, method, self._metrics, False, self._admission),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap(handler.stream_stream, method, self._metrics, True),
+            _wrap(handler.stream_stream, method, self._metrics, True, self._admission),
             handler.request_deserializer,
             handler.response_serializer,
         )
@@ -214,8 +273,8 @@ def start(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc"),
-        interceptors=[DomainErrorInterceptor(metrics)],
+        futures.ThreadPoolExecutor(max_workers=max_workers + _SPARE_THREADS, thread_name_prefix=f"{name}-rpc"),
+        interceptors=[DomainErrorInterceptor(metrics, Admission(max_workers))],
         options=options,
     )
     service_names = list(register(server))
@@ -281,7 +340,8 @@ def service_arg_parser(name: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in containers")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024))
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
-    parser.add_argument("--max-workers", type=int, default=16, help="RPCs handled at once (threads)")
+    parser.add_argument("--max-workers", type=int, default=16,
+                        help="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED (health checks never)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--tls-dir", type=Path, default=None,
                         help=f"serve TLS only, with {TLS_CERT} and {TLS_KEY} from this folder (default: "

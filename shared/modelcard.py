@@ -197,7 +197,16 @@ def read_card(store, name: str, version: int | None = None) -> ModelCard:
     prefix = model_prefix(name, version)
     if not store.is_published(prefix):
         raise NotFound(f"model {name!r} version {version} is not published")
-    return ModelCard.from_json(store.get_verified(prefix, CARD_FILE), f"{prefix}/{CARD_FILE}")
+    return ModelCard.from_json(_published_file(store, prefix, CARD_FILE), f"{prefix}/{CARD_FILE}")
+
+
+def _published_file(store, prefix: str, rel: str) -> bytes:
+    """A file a published version must hold: once its manifest exists, a missing file is damage (DATA_LOSS),
+    not an absent model (NOT_FOUND)."""
+    try:
+        return store.get_verified(prefix, rel)
+    except NotFound as exc:
+        raise IntegrityError(f"{prefix} is published but damaged: {exc}") from None
 
 
 def build_module(card: ModelCard, state: dict[str, torch.Tensor], source: str,
@@ -228,11 +237,8 @@ def load_published(store, name: str, version: int | None = None,
     card = read_card(store, name, version)
     prefix = model_prefix(name, card.version)
     try:
-        state = st_load(store.get_verified(prefix, WEIGHTS_FILE))
+        state = st_load(_published_file(store, prefix, WEIGHTS_FILE))
     except SafetensorError as exc:
         raise IntegrityError(f"{prefix}/{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
-    try:
-        files = {name: store.get_verified(prefix, name) for name in card.files}
-    except NotFound as exc:
-        raise IntegrityError(f"{prefix}: its card lists {card.files} beside the weights: {exc}") from None
+    files = {name: _published_file(store, prefix, name) for name in card.files}
     return build_module(card, state, prefix, files).to(device), card

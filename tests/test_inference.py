@@ -9,6 +9,7 @@ import struct
 import sys
 import threading
 import urllib.request
+import zlib
 from pathlib import Path
 
 import grpc
@@ -115,7 +116,7 @@ def served(tmp_path_factory):
     publish_random(store, "rgb", seed=3, in_chans=3, size=32, classes=RGB_CLASSES,
                    mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     publish_random(store, "spare", seed=4)
-    repo = ModelRepository(store, max_batch_size=8, max_queue_delay_ms=1.0)
+    repo = ModelRepository(store, max_batch_size=16, max_queue_delay_ms=1.0)
     metrics_port = free_ports(1)[0]
     host, _ = start_server(repo, [ModelRef("digits", 1), ModelRef("digits"), ModelRef("rgb")],
                            metrics_port=metrics_port, max_message_bytes=MAX_MESSAGE, repository_token=TOKEN)
@@ -127,6 +128,15 @@ def served(tmp_path_factory):
     ch.close()
     host.stop(grace=2)
     repo.close()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels in its header and holds no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def test_bytes_tensor_wire_format():
@@ -254,6 +264,17 @@ def test_bad_inputs_get_clear_status_and_server_keeps_serving(served):
     two_inputs = infer_request("digits", images)
     two_inputs.inputs.add(name="tensor", datatype="FP32", shape=[1])
     oversized = infer_request("digits", np.zeros((1, 1024, 1100, 1), np.uint8))  # > 1 MiB message limit
+    # 20 KB on the wire that once drove the server to gigabytes: refused from its shape.
+    huge_batch = infer_request("digits", np.zeros((20000, 1, 1, 1), np.uint8))
+    # 2**32 * 2**32 elements wrap to 0 in int64: the shape must be refused, not crash the reshape.
+    overflowing = infer_request("digits", np.zeros((1, 1, 1, 1), np.uint8))
+    overflowing.inputs[0].shape[:] = [1, 2**32, 2**32, 1]
+    overflowing.raw_input_contents[0] = b""
+    nan = np.zeros((1, 1, 28, 28), np.float32)
+    nan[0, 0, 3, 4] = np.nan
+    bomb = pb.ModelInferRequest(model_name="digits")  # a 13,000 x 13,000 PNG header: tiny, huge decoded
+    bomb.inputs.add(name="encoded", datatype="BYTES", shape=[1])
+    bomb.raw_input_contents.append(serialize_bytes_tensor([png_header(13_000, 13_000)]))
 
     cases = [
         ("wrong datatype", infer_request("digits", images, datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT,
@@ -277,6 +298,10 @@ def test_bad_inputs_get_clear_status_and_server_keeps_serving(served):
         ("bad version string", infer_request("digits", images, version="latest"), grpc.StatusCode.INVALID_ARGUMENT,
          "positive integer"),
         ("message over the size limit", oversized, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        ("batch over max_batch_size", huge_batch, grpc.StatusCode.INVALID_ARGUMENT, "at most 16 per request"),
+        ("element count past int64", overflowing, grpc.StatusCode.INVALID_ARGUMENT, "raw bytes"),
+        ("non-finite tensor", infer_request("digits", nan), grpc.StatusCode.INVALID_ARGUMENT, "1 non-finite value"),
+        ("image too large to decode", bomb, grpc.StatusCode.INVALID_ARGUMENT, "13000x13000 pixels"),
     ]
     for what, req, code, text in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -328,6 +353,33 @@ def test_repository_index_load_unload(served):
     with pytest.raises(grpc.RpcError) as err:
         stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="spare"), metadata=AUTHORIZED)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_junk_loads_leave_no_trace_and_a_damaged_version_is_data_loss(served):
+    stub = served["stub"]
+    # 20,000 junk loads once grew the index to 6 MB: a name with nothing published is not a failed load.
+    for i in range(300):
+        load = pb.RepositoryModelLoadRequest(model_name=f"junk{i}")
+        load.parameters["version"].int64_param = i + 1
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RepositoryModelLoad(load, metadata=AUTHORIZED)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    index = stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
+    assert not [m for m in index if m.name.startswith("junk")]
+
+    # A published version whose manifest lost its weights entry is damaged (DATA_LOSS), not absent.
+    store = served["store"]
+    version = publish_random(store, "damaged", seed=9)
+    prefix = f"models/damaged/{version}"
+    manifest = store.read_manifest(prefix)
+    del manifest.files["model.safetensors"]
+    store.put_bytes(f"{prefix}/MANIFEST.json", manifest.to_json())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="damaged"), metadata=AUTHORIZED)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value.details()
+    assert "model.safetensors" in err.value.details()
+    failed = {m.name: (m.state, m.reason) for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+    assert failed["damaged"][0] == "UNAVAILABLE" and "IntegrityError" in failed["damaged"][1]
 
 
 def test_dynamic_batching_merges_concurrent_requests(tmp_path):
@@ -425,7 +477,7 @@ def test_trained_model_served_by_a_real_server_process(tmp_path, monkeypatch):
     server = ManagedProcess(
         "inference",
         [sys.executable, "-m", "services.inference", "--port", port, "--metrics-port", metrics_port,
-         "--store", store_url, "--models", "served-digits", "--max-batch-size", "64", "--threads", "1"],
+         "--store", store_url, "--models", "served-digits", "--max-batch-size", "256", "--threads", "1"],
         tmp_path / "inference.log", tcp_probe(port), cwd=Path(__file__).resolve().parent.parent,
         env={**os.environ, "TRAINYARD_SERVE_MODELS": ""}, ready_timeout=120)
     with server:

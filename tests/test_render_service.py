@@ -258,8 +258,10 @@ def test_describe_of_an_unpublished_location_is_not_found(stub, tmp_path):
     assert "not published" in err.value.details()
 
 
-def test_render_to_s3_publishes_a_verified_dataset(stub, s3_store_url):
-    location = f"{s3_store_url}/logos"
+def test_render_to_s3_publishes_a_verified_dataset(stub, s3_store_url, monkeypatch):
+    # Object-store outputs go to the artifact store's datasets area (shared.storage.open_output).
+    monkeypatch.setenv("TRAINYARD_STORE", s3_store_url)
+    location = f"{s3_store_url}/datasets/logos"
     stream = render(stub, out=location, count=8, seed=5,
                     logos=render_pb2.LogoRender(image_size=LOGO_SIZE, val_per_class=1))
     assert stream[-1].state == "succeeded" and stream[-1].outputs["dataset"] == location
@@ -312,3 +314,15 @@ def test_one_writer_per_output_and_the_work_outlives_its_stream(stub, tmp_path):
             break
         time.sleep(0.2)
     assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS, again.value.details()
+
+
+def test_describe_of_a_hand_edited_manifest_is_data_loss(stub, rendered, tmp_path):
+    copy = tmp_path / "logos"
+    shutil.copytree(rendered["logos"][0], copy)
+    manifest = json.loads((copy / "MANIFEST.json").read_text())
+    manifest["meta"]["total"] = "many"
+    (copy / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=str(copy)))
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value.details()
+    assert "metadata is malformed" in err.value.details()

@@ -3,9 +3,10 @@
 Each model has one worker thread. It takes the oldest queued request, then keeps adding queued requests
 while the batch stays within ``max_batch_size`` samples and the oldest request has waited less than
 ``max_queue_delay``; a batch that is already full runs at once. A request may itself carry several
-samples; one of ``max_batch_size`` or more runs as a batch of its own (never split, never merged), right
-on the caller's thread. With ``max_batch_size=1`` requests simply run one after another: the
-no-batching baseline.
+samples, at most ``max_batch_size`` (the protocol refuses more); a full one runs as a batch of its own, right
+on the caller's thread. Forward passes take turns in arrival order (a FIFO lock), so no stream of requests
+can starve the others. With ``max_batch_size=1`` requests simply run one after another: the no-batching
+baseline.
 
 Time spent queued and time spent computing are separate Prometheus histograms, next to the batch size.
 """
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import torch
 from prometheus_client import REGISTRY, Counter, Histogram
 
-from shared.errors import Unavailable
+from shared.errors import InvalidArgument, Unavailable
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -71,6 +72,32 @@ class _Request:
         self.error: BaseException | None = None
 
 
+class FairLock:
+    """A lock granted in arrival order (``threading.Lock`` makes no such promise): a client sending full
+    batches back to back cannot starve the queue's worker or the other callers."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+        self._held = False
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()  # the releasing thread hands the lock over: _held stays True
+
+    def __exit__(self, *exc) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._held = False
+
+
 class DynamicBatcher:
     """Runs ``run(batch) -> outputs`` (first dimension = samples) on merged concurrent requests.
 
@@ -85,7 +112,7 @@ class DynamicBatcher:
         self._queue: collections.deque[_Request] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
-        self._run_lock = threading.Lock()
+        self._run_lock = FairLock()
         fam = families()
         self._queue_hist = fam.queue.labels(model=model, version=version)
         self._compute_hist = fam.compute.labels(model=model, version=version)
@@ -96,7 +123,10 @@ class DynamicBatcher:
     def submit(self, x: torch.Tensor) -> torch.Tensor:
         """Queue ``x`` (N samples), block until its batch ran, return its N output rows."""
         req = _Request(x)
-        if req.n >= self.max_batch_size:
+        if req.n > self.max_batch_size:
+            raise InvalidArgument(f"a batch of {req.n} samples exceeds this model's max_batch_size "
+                                  f"{self.max_batch_size}")
+        if req.n == self.max_batch_size:
             # Already a full batch: nothing could join it, so it runs on the caller's thread and skips
             # two thread hand-offs (they cost most on a busy machine). The run lock keeps one forward
             # pass per model at a time, as with the worker.

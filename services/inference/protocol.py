@@ -12,6 +12,10 @@ input size:
   then as ``images``.
 Tensors travel in ``raw_input_contents``; typed ``contents`` are accepted too.
 
+Bounds, checked from the shapes before anything is decoded or allocated: a request carries at most the
+model's ``max_batch_size`` samples (as Triton refuses larger ones; clients split), an encoded image at most
+``MAX_DECODED_PIXELS`` (read from its header), and ``tensor`` values must be finite.
+
 Trajectory models take ``videos`` UINT8 [N, cameras, frames, C, H, W], exactly the card's ``clip_size``
 (``[-1, 4, 32, 3, 64, 64]`` for the rendered dataset), prepared by the model's own ``prepare``.
 
@@ -26,6 +30,7 @@ FP32 [N, 3] (x, y, z in world units). Always in ``raw_output_contents``.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -58,6 +63,9 @@ OUTPUT_LABELS = "labels"
 OUTPUT_POSITION = FUTURE_POSITION
 OUTPUT_TEXT = TEXT
 _NP_DTYPES = {"UINT8": np.uint8, "FP32": np.dtype("<f4")}
+_RANKS = {INPUT_IMAGES: (4,), INPUT_TENSOR: (4,), INPUT_VIDEOS: (6,), INPUT_ENCODED: (1, 2)}
+# 40 megapixels: a 13,000 x 13,000 PNG (169 MP, a few KB on the wire) took ~0.5 CPU-s to decode.
+MAX_DECODED_PIXELS = 40_000_000
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -98,7 +106,7 @@ def string_param(params, key: str) -> str | None:
 def element_count(name: str, shape: list[int]) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)  # Python ints: a product past int64 is a bad shape, not an overflow
 
 
 def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
@@ -147,7 +155,12 @@ def _tensor_batch(arr: np.ndarray, pre: Preprocessor) -> torch.Tensor:
                               f"(already preprocessed), got shape {list(arr.shape)}")
     if arr.shape[0] == 0:
         raise InvalidArgument(f"input {INPUT_TENSOR!r} has an empty batch")
-    return torch.from_numpy(arr)
+    x = torch.from_numpy(arr)
+    # A NaN or inf input gives NaN probabilities and an arbitrary label: refuse it rather than answer that.
+    bad = x.numel() - int(torch.isfinite(x).sum())
+    if bad:
+        raise InvalidArgument(f"input {INPUT_TENSOR!r} holds {bad} non-finite value(s) (NaN or inf)")
+    return x
 
 
 def _image_batch(arr: np.ndarray, pre: Preprocessor) -> torch.Tensor:
@@ -167,10 +180,16 @@ def _decode_images(blobs: list[bytes], channels: int, height: int, width: int,
     for i, blob in enumerate(blobs):
         try:
             with Image.open(io.BytesIO(blob)) as im:
+                # The header gives the size: an image too large to decode is refused before decoding.
+                if im.width * im.height > MAX_DECODED_PIXELS:
+                    raise InvalidArgument(f"input {INPUT_ENCODED!r} element {i} is {im.width}x{im.height} pixels; "
+                                          f"at most {MAX_DECODED_PIXELS:,} pixels are decoded")
                 im = im.convert(mode)
                 if im.size != (width, height):
                     im = im.resize((width, height), resample)
                 out[i] = np.asarray(im).reshape(height, width, -1)
+        except InvalidArgument:
+            raise
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise InvalidArgument(f"input {INPUT_ENCODED!r} element {i} ({len(blob)} bytes) is not a "
                                   f"decodable image: {exc}") from None
@@ -191,7 +210,13 @@ def _caption_batch(name: str, data: np.ndarray | list[bytes], signature: Signatu
     return signature.prepare(torch.from_numpy(data).permute(0, 3, 1, 2))
 
 
-def decode_input(request: pb.ModelInferRequest, signature: Signature) -> torch.Tensor:
+def _check_batch(name: str, n: int, max_batch_size: int) -> None:
+    if n > max_batch_size:
+        raise InvalidArgument(f"input {name!r} holds {n:,} samples; this model takes at most {max_batch_size} per "
+                              "request (its max_batch_size): split the batch")
+
+
+def decode_input(request: pb.ModelInferRequest, signature: Signature, max_batch_size: int) -> torch.Tensor:
     """The request's one input as the batch the model takes (see the module docstring)."""
     task = signature.card.task
     datatypes = WIRE_INPUTS[task]
@@ -205,6 +230,8 @@ def decode_input(request: pb.ModelInferRequest, signature: Signature) -> torch.T
     if inp.datatype != expected:
         raise InvalidArgument(f"input {inp.name!r} must be {expected}, got datatype {inp.datatype!r}")
     shape = list(inp.shape)
+    if len(shape) in _RANKS[inp.name]:  # a wrong rank gets its own message below
+        _check_batch(inp.name, shape[0], max_batch_size)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidArgument(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")

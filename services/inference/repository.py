@@ -6,6 +6,7 @@ pass has run. A request without a version gets the newest loaded version.
 """
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from shared.quantize import quantize_int8
 log = get_logger(__name__)
 
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
+MAX_FAILED_LOADS = 256
 
 
 def parse_version(version: str | int | None) -> int | None:
@@ -100,7 +102,9 @@ class ModelRepository:
         self.quantize = quantize
         self.tracking_uri = tracking_uri  # where registry aliases are resolved (default: MLFLOW_TRACKING_URI)
         self._models: dict[tuple[str, int], LoadedModel] = {}
-        self._failed: dict[tuple[str, int], str] = {}
+        # Why a load of a published version failed, newest last; bounded, so a flood of bad loads cannot grow
+        # the index (or the RepositoryIndex answer) without limit.
+        self._failed: collections.OrderedDict[tuple[str, int], str] = collections.OrderedDict()
         self._lock = threading.Lock()
         # One load at a time: loads are rare, and this keeps two loads of one model from racing.
         self._load_lock = threading.Lock()
@@ -148,9 +152,10 @@ class ModelRepository:
                 return existing
             try:
                 loaded = self._build(name, version)
+            except NotFound:
+                raise  # nothing published under that name: nothing to list as failed
             except Exception as exc:
-                with self._lock:
-                    self._failed[key] = f"{type(exc).__name__}: {exc}"
+                self._record_failure(key, f"{type(exc).__name__}: {exc}")
                 raise
             with self._lock:
                 self._models[key] = loaded
@@ -159,8 +164,7 @@ class ModelRepository:
                 self._warm_up(loaded)
             except Exception as exc:
                 self._discard(key)
-                with self._lock:
-                    self._failed[key] = f"warm-up failed: {exc}"
+                self._record_failure(key, f"warm-up failed: {exc}")
                 raise
             loaded.state = READY
             log.info("model ready", extra={"model": name, "version": version, "quantized": loaded.quantized,
@@ -235,6 +239,13 @@ class ModelRepository:
         # The first forward pass allocates and picks kernels; it should not land on a client's request.
         for n in sorted({1, min(self.max_batch_size, 8)}):
             loaded.signature.check(loaded.forward(torch.zeros(n, *loaded.signature.input_shape)), n)
+
+    def _record_failure(self, key: tuple[str, int], reason: str) -> None:
+        with self._lock:
+            self._failed.pop(key, None)
+            self._failed[key] = reason
+            while len(self._failed) > MAX_FAILED_LOADS:
+                self._failed.popitem(last=False)
 
     def _discard(self, key: tuple[str, int]) -> None:
         with self._lock:

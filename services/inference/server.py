@@ -109,7 +109,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         with self._counted() as label:
             model = self.repository.get(request.model_name, request.model_version)
             label.update(model=model.name, version=str(model.version))
-            x = protocol.decode_input(request, model.signature)
+            x = protocol.decode_input(request, model.signature, model.batcher.max_batch_size)
             outputs = protocol.requested_outputs(request, model.signature)
             return protocol.encode_response(request, model.name, model.version, model.classes, model.infer(x),
                                             outputs)

@@ -11,6 +11,7 @@ from shared.errors import InvalidArgument
 from shared.grpc_server import serve, service_arg_parser
 from shared.pb import common_pb2, render_pb2, render_pb2_grpc
 from shared.storage import Manifest, open_location
+from shared.storage.manifest import reading_meta
 from shared.streaming import JobProgress, StreamedJob
 
 
@@ -57,11 +58,12 @@ class RenderServiceServicer(render_pb2_grpc.RenderServiceServicer):
         store, prefix = open_location(request.location)
         manifest = store.read_manifest(prefix)
         meta = manifest.meta or {}
-        return render_pb2.DatasetInfo(
-            location=request.location, kind=str(meta.get("kind", "")), items=int(meta.get("total", 0) or 0),
-            files=len(manifest.files), bytes=manifest.total_size,
-            generator_version=str(meta.get("generator_version", "")),
-            seed=int(meta.get("seed", 0) or 0), meta_json=json.dumps(meta, default=str))
+        with reading_meta(request.location):
+            return render_pb2.DatasetInfo(
+                location=request.location, kind=str(meta.get("kind", "")), items=int(meta.get("total", 0) or 0),
+                files=len(manifest.files), bytes=manifest.total_size,
+                generator_version=str(meta.get("generator_version", "")),
+                seed=int(meta.get("seed", 0) or 0), meta_json=json.dumps(meta, default=str))
 
 
 def main(argv: list[str] | None = None) -> None:

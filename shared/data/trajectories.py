@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument
 from shared.storage import ArtifactStore, dataset_source, open_store, split_location
+from shared.storage.manifest import reading_meta
 
 KIND = "trajectories"
 
@@ -44,6 +45,11 @@ def read_index(store: ArtifactStore, prefix: str) -> dict[str, Any]:
     """The trainer's view of a published trajectory dataset: shards, sizes, digests, class counts."""
     prefix = prefix.strip("/")
     manifest = store.read_manifest(prefix)
+    with reading_meta(f"{store.url}/{prefix}"):
+        return _index(store, prefix, manifest)
+
+
+def _index(store: ArtifactStore, prefix: str, manifest) -> dict[str, Any]:
     meta = manifest.meta
     if meta.get("kind") != KIND:
         raise FailedPrecondition(f"{prefix!r} is a {meta.get('kind')!r} dataset, not {KIND!r}")

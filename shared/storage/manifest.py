@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from shared.errors import IntegrityError
+from shared.errors import IntegrityError, TrainyardError
 
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_VERSION = 1
@@ -54,6 +56,20 @@ class Manifest:
     @property
     def total_size(self) -> int:
         return sum(e.size for e in self.files.values())
+
+
+@contextlib.contextmanager
+def reading_meta(where: str) -> Iterator[None]:
+    """Read what a manifest's ``meta`` promises inside this block: a field that is missing or of the wrong
+    type (a hand-edited manifest) is damaged data, DATA_LOSS with the field named, not a server bug."""
+    try:
+        yield
+    except TrainyardError:
+        raise
+    except KeyError as exc:
+        raise IntegrityError(f"{where}: the manifest's metadata lacks the field {exc.args[0]!r}") from None
+    except (IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise IntegrityError(f"{where}: the manifest's metadata is malformed ({exc})") from None
 
 
 def now_iso() -> str:

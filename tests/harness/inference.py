@@ -11,7 +11,7 @@ from shared.modelcard import ModelRef
 
 
 @contextmanager
-def serving(store, *models: str, max_batch_size: int = 4, max_queue_delay_ms: float = 2.0) -> Iterator[str]:
+def serving(store, *models: str, max_batch_size: int = 8, max_queue_delay_ms: float = 2.0) -> Iterator[str]:
     """Serve the newest version of each named model; yields the server's address, stops it on exit."""
     repo = ModelRepository(store, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms)
     host, _ = start_server(repo, [ModelRef(name) for name in models])
