@@ -31,6 +31,8 @@ def print_run(run) -> None:
         print(f"  mlflow run: {run.mlflow_run_id}")
     if run.model_uri:
         print(f"  model: {run.model_uri}")
+    if run.forked_from:
+        print(f"  forked from: {run.forked_from}")
 
 
 def watch(stub, run_id: str) -> int:
@@ -69,7 +71,7 @@ def _cmd_train(args) -> int:
     stub = _train_stub(args)
     run = stub.SubmitRun(train_pb2.SubmitRunRequest(
         config_yaml=path.read_text(), overrides=args.set, backend=args.backend or "", run_id=args.run_id or "",
-        replicas=args.replicas))
+        replicas=args.replicas, fork=args.fork))
     print_run(run)
     return watch(stub, run.run_id) if args.watch else 0
 
@@ -103,7 +105,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--backend", choices=["local", "kubernetes"], help="default: the server's")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel processes / pods")
-    p.add_argument("--run-id", help="resume this run from its newest checkpoint")
+    p.add_argument("--run-id", help="resume this run from its newest checkpoint (with the config it was trained with)")
+    p.add_argument("--fork", action="store_true",
+                   help="with --run-id: start a new run from scratch with this config (a new id, <run-id>-fork-<hex>) "
+                        "instead of resuming; the old run stays as it is")
     p.add_argument("--watch", action="store_true", help="follow the run with a progress bar until it ends")
     p.add_argument("--server", default=train_addr, help="train service address")
     p.set_defaults(func=_cmd_train)

@@ -6,6 +6,7 @@ not replace a cluster: scheduling, GPUs, image pulls and pod restarts are only s
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from kubernetes import client as k8s
 from services.train.events import events_key
 from services.train.k8s_backend import CONFIG_ENV, JobSettings, KubernetesBackend, build_job, job_name
 from services.train.runs import RunManager
+from shared.errors import FailedPrecondition
 from shared.storage import open_store
 from tests.harness.fake_kube import FakeKubeServer
 
@@ -37,7 +39,7 @@ def kube():
 def manager(kube, tmp_path):
     conf = k8s.Configuration(host=kube.url)
     backend = KubernetesBackend(JobSettings(namespace=NS, image="registry.example/trainyard-train:1.0"),
-                                api_client=k8s.ApiClient(conf), store_url=f"file://{tmp_path / 'store'}")
+                                api_client=k8s.ApiClient(conf), store_url=f"file://{tmp_path / 'store'}", poll_s=0.1)
     return RunManager({"kubernetes": backend}, default_backend="kubernetes", root=tmp_path / "runs")
 
 
@@ -199,3 +201,42 @@ parallelism: 1
     assert not any(job_name(second.run_id) in path for _, path in after)
     assert {t: o.state for t, o in cancelled.outcomes.items()} == {first.trial_id: "CANCELLED",
                                                                     second.trial_id: "CANCELLED"}
+
+
+def test_resume_waits_for_the_old_jobs_pods_without_blocking_other_calls(kube, manager):
+    """Resubmitting an ended run deletes its Job in the foreground and polls until the Job (and with it its pods)
+    is gone before creating the next one; other calls are answered meanwhile."""
+    kube.state.deletion_delay_s = 1.5  # the old Job's pods take that long to terminate
+    manager.submit(CONFIG, run_id="mnist-k8s-7")
+    name, base = job_name("mnist-k8s-7"), f"/apis/batch/v1/namespaces/{NS}/jobs"
+    kube.state.set_status(NS, name, {"failed": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]})
+    assert manager.get("mnist-k8s-7").state == "FAILED"
+    before = len(kube.state.requests)
+
+    pool = ThreadPoolExecutor(2)
+    try:
+        started = time.monotonic()
+        resumed = pool.submit(manager.submit, CONFIG, run_id="mnist-k8s-7")
+        while not any(r.method == "DELETE" for r in kube.state.requests[before:]):
+            assert time.monotonic() - started < 5, "the resume never deleted the old Job"
+            time.sleep(0.02)
+        # While the old Job is being deleted: listing, reading and submitting another run are not held up.
+        other = pool.submit(lambda: (manager.list(), manager.get("mnist-k8s-7"),
+                                     manager.submit(CONFIG, run_id="mnist-k8s-8")))
+        other.result(timeout=1.0)
+        assert not resumed.done()
+        with pytest.raises(FailedPrecondition, match="being launched"):
+            manager.submit(CONFIG, run_id="mnist-k8s-7")
+        view = resumed.result(timeout=10)
+        took = time.monotonic() - started
+    finally:
+        pool.shutdown(wait=False)
+    assert 1.4 < took < 5
+    assert view.state == "QUEUED" and kube.state.jobs[(NS, name)]["status"] == {}
+    calls = [(r.method, r.path, r.query.get("propagationPolicy")) for r in kube.state.requests[before:]
+             if r.path == f"{base}/{name}" or (r.method == "POST" and r.body["metadata"]["name"] == name)]
+    delete, *polls, create = calls
+    assert delete == ("DELETE", f"{base}/{name}", "Foreground")
+    assert len(polls) >= 2 and set(polls) == {("GET", f"{base}/{name}", None)}
+    assert create[:2] == ("POST", base)

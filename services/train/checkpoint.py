@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from shared.errors import IntegrityError, InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -243,3 +243,19 @@ def load_checkpoint(store, prefix: str) -> Checkpoint:
                       optimizer_state=optimizer_state, state=doc, extra_states=extra, rng_meta=rng_meta,
                       rng_tensors=rng_tensors)
 
+
+def ensure_resumable(store, run_id: str, cfg_hash: str, remedy: str) -> None:
+    """Refuse (FailedPrecondition) to resume ``run_id`` under another config than its newest checkpoint was
+    trained with (``state.json`` keeps the hash): its weights would go on under other settings (an epochs=1
+    resubmission of a 3-epoch run exported the epoch-3 weights). ``remedy`` says what to do instead. A checkpoint
+    that cannot be read passes: the resumed run reports that, with its reason."""
+    prefix = latest_checkpoint(store, run_id)
+    if prefix is None:
+        return
+    try:
+        trained_with = json.loads(store.get_verified(prefix, "state.json")).get("config_hash")
+    except (IntegrityError, NotFound):
+        return
+    if trained_with and trained_with != cfg_hash:
+        raise FailedPrecondition(f"run {run_id!r} has checkpoints trained with another config (hash {trained_with}, "
+                                 f"this one is {cfg_hash}): {remedy}")

@@ -3,44 +3,57 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.config import load_config, parse_config
 
+# Upper bounds: what the service's int32 proto fields carry and what one run can mean. Past them a value is a
+# typo or an attack: epochs=10**12 used to launch, and then no Run could be encoded for anyone.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_SAMPLES = 100_000_000  # subsets and evaluation samples of a stored dataset
+MAX_SYNTHETIC = 1_000_000  # synthetic splits are generated in memory
+MAX_IMAGE_SIDE = 4096
+MAX_SEED = 2**32 - 1  # numpy's seed range
+NAME = Annotated[str, Field(min_length=1, max_length=128)]
+METRIC = Annotated[str, Field(min_length=1, max_length=128)]
+PATH = Annotated[str, Field(min_length=1, max_length=4096)]
+
 
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key ("learning_rate" for "lr") is an error, not a silently ignored default.
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: YAML's .nan and .inf are floats too, and no field here means either.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoraSpec(_Strict):
     """Fine-tune a published model with LoRA adapters (peft): only the adapters train, the base stays bitwise."""
-    base: str = Field(min_length=1)  # the published base: store:models/<name>/<version> or models/<name>/<version>
+    base: PATH  # the published base: store:models/<name>/<version> or models/<name>/<version>
     r: int = Field(8, ge=1, le=256)
-    alpha: int | None = Field(None, ge=1)  # default 2 r
+    alpha: int | None = Field(None, ge=1, le=4096)  # default 2 r
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: list[NAME] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=256)
 
 
 class ModelConfig(_Strict):
-    name: str
+    name: NAME
     kwargs: dict[str, Any] = Field(default_factory=dict)
     # A local .safetensors/.pth file with backbone weights (transfer learning); never downloaded.
-    pretrained_path: str | None = None
+    pretrained_path: PATH | None = None
     # LoRA fine-tuning of a published model of architecture ``name`` (its weights, kwargs and tokenizer).
     lora: LoraSpec | None = None
 
 
 class AugmentConfig(_Strict):
-    crop: int = Field(0, ge=0, description="random-crop padding in pixels; 0 = off")
+    crop: int = Field(0, ge=0, le=MAX_IMAGE_SIDE, description="random-crop padding in pixels; 0 = off")
     flip: bool = False
     rotation: float = Field(0.0, ge=0, le=180, description="max rotation in degrees")
     color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation strength")
     grayscale: float = Field(0.0, ge=0, le=1, description="probability of random grayscale")
-    mixup: float = Field(0.0, ge=0, description="mixup Beta(alpha, alpha); 0 = off")
-    cutmix: float = Field(0.0, ge=0, description="cutmix Beta(alpha, alpha); 0 = off")
+    mixup: float = Field(0.0, ge=0, le=100, description="mixup Beta(alpha, alpha); 0 = off")
+    cutmix: float = Field(0.0, ge=0, le=100, description="cutmix Beta(alpha, alpha); 0 = off")
 
     @property
     def enabled(self) -> bool:
@@ -51,13 +64,13 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     kind: Literal["mnist", "cifar10", "imagefolder", "synthetic", "trajectories", "tinyllava"]
     # A local directory, or a store URL/key prefix (file://..., s3://bucket/prefix) fetched to a cache first.
-    path: str | None = None
+    path: PATH | None = None
     # Stratified training subset of this many samples (e.g. 5000 of CIFAR-10's 50000); None = all. It is
     # taken from what remains after validation is held out, so every subset size shares one validation set.
-    subset: int | None = Field(None, gt=0)
+    subset: int | None = Field(None, gt=0, le=MAX_SAMPLES)
     # Seeds the validation hold-out and the subset; fixed per dataset (not the run's seed) so every run of a
     # study sees the same split.
-    subset_seed: int = 0
+    subset_seed: int = Field(0, ge=0, le=MAX_SEED)
     # Where validation comes from. "auto": the dataset's own val split when it has one, else val_fraction of
     # the training data (stratified); "holdout": always val_fraction of the training data; "test": validate
     # and select on the test split — an explicit choice, tagged on the run and shown in every table.
@@ -78,19 +91,19 @@ class DataConfig(_Strict):
     cache_mb: int = Field(1024, ge=0, le=1_048_576)
     # Training accuracy and loss are measured like validation's (eval mode, no augmentation) on a fixed
     # stratified sample of this many training samples, so the overfitting gap compares like with like.
-    train_eval_size: int = Field(5000, gt=0)
+    train_eval_size: int = Field(5000, gt=0, le=MAX_SAMPLES)
     # Resize to this square size (image folders; upsampling 32x32 CIFAR for 224-input backbones).
-    image_size: int | None = Field(None, gt=0)
+    image_size: int | None = Field(None, gt=0, le=MAX_IMAGE_SIDE)
     # Per-channel normalisation; None = the dataset's usual constants.
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: list[float] | None = Field(None, min_length=1, max_length=64)
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, max_length=64)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # Only for kind=synthetic: generated class-dependent patterns (benchmarks, smoke tests).
-    num_classes: int = Field(10, ge=2)
-    channels: int = Field(1, ge=1)
-    train_size: int = Field(2048, gt=0)
-    val_size: int = Field(512, gt=0)
-    test_size: int = Field(512, gt=0)
+    num_classes: int = Field(10, ge=2, le=100_000)
+    channels: int = Field(1, ge=1, le=64)
+    train_size: int = Field(2048, gt=0, le=MAX_SYNTHETIC)
+    val_size: int = Field(512, gt=0, le=MAX_SYNTHETIC)
+    test_size: int = Field(512, gt=0, le=MAX_SYNTHETIC)
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataConfig:
@@ -101,13 +114,13 @@ class DataConfig(_Strict):
 
 class OptimizerConfig(_Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.01, gt=0, le=10)
     momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)
     # timm's convention: no weight decay on biases, norm weights and the model's no_weight_decay() names.
     decay_norm_and_bias: bool = False  # True applies weight_decay to every parameter
     nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
 
     @model_validator(mode="after")
     def _nesterov(self) -> OptimizerConfig:
@@ -118,32 +131,33 @@ class OptimizerConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     name: Literal["none", "step", "cosine", "plateau"] = "none"
-    step_size: int = Field(10, gt=0)
+    step_size: int = Field(10, gt=0, le=MAX_EPOCHS)
     gamma: float = Field(0.1, gt=0, le=1)
     # Linear warmup from lr/(warmup_epochs+1) up to lr over the first epochs (any scheduler).
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS)
     # Linear warmup over the first optimiser steps, on top of the epoch's lr: attention models and large
     # learning rates need it within the first epoch, which per-epoch warmup cannot give.
-    warmup_steps: int = Field(0, ge=0)
-    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=1_000_000_000)
+    min_lr: float = Field(0.0, ge=0, le=10)
     # plateau: multiply lr by factor after `patience` epochs without improvement of the monitored metric.
-    patience: int = Field(3, ge=0)
+    patience: int = Field(3, ge=0, le=MAX_EPOCHS)
     factor: float = Field(0.1, gt=0, lt=1)
-    threshold: float = Field(1e-4, ge=0)
-    metric: str = "val_loss"
+    threshold: float = Field(1e-4, ge=0, le=1e6)
+    metric: METRIC = "val_loss"
     mode: Literal["min", "max"] = "min"
 
 
 class LossConfig(_Strict):
     name: Literal["ce", "focal"] = "ce"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    focal_gamma: float = Field(2.0, ge=0)
+    focal_gamma: float = Field(2.0, ge=0, le=100)
     # "none", "balanced" (inverse class frequency of the training set) or one weight per class.
-    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    class_weights: Literal["none", "balanced"] | list[Annotated[float, Field(ge=0, le=1e6)]] = Field(
+        "none", max_length=100_000)
     # Multi-task models (task=trajectory): total = classification x CE + regression x MSE of the standardised
     # target (+ the model's own auxiliary losses, weighted by the model).
-    classification_weight: float = Field(1.0, ge=0)
-    regression_weight: float = Field(1.0, ge=0)
+    classification_weight: float = Field(1.0, ge=0, le=1e6)
+    regression_weight: float = Field(1.0, ge=0, le=1e6)
 
 
 class EmaConfig(_Strict):
@@ -168,8 +182,9 @@ class BenchmarkConfig(_Strict):
 
     enabled: bool = False
     # One sample's forward input (C, H, W for images); None: the model card's input size.
-    input_shape: list[int] | None = Field(None, min_length=3, max_length=6)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    input_shape: list[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]] | None = Field(None, min_length=3, max_length=6)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(default_factory=lambda: [1, 32], min_length=1,
+                                                                         max_length=16)
     quantize: bool = True
     iterations: int = Field(50, ge=5, le=10_000)
     throughput_seconds: float = Field(1.0, gt=0, le=60)
@@ -177,30 +192,30 @@ class BenchmarkConfig(_Strict):
 
 class EarlyStoppingConfig(_Strict):
     enabled: bool = False
-    metric: str = "val_loss"
+    metric: METRIC = "val_loss"
     mode: Literal["min", "max"] = "min"
-    patience: int = Field(5, ge=1)
-    min_delta: float = Field(0.0, ge=0)
+    patience: int = Field(5, ge=1, le=MAX_EPOCHS)
+    min_delta: float = Field(0.0, ge=0, le=1e6)
 
 
 class CheckpointConfig(_Strict):
     every_epoch: bool = True
     # The metric that decides the `best` checkpoint (and the exported model).
-    keep_best_metric: str = "val_acc"
+    keep_best_metric: METRIC = "val_acc"
     mode: Literal["min", "max"] = "max"
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, le=1000)
 
 
 class ExportConfig(_Strict):
     enabled: bool = True
     # Registered model name; None = the experiment name.
-    name: str | None = None
+    name: NAME | None = None
 
 
 class UnfreezeStep(_Strict):
-    epoch: int = Field(ge=0)
+    epoch: int = Field(ge=0, le=MAX_EPOCHS)
     # Number of backbone stages (from the head backwards) trainable from this epoch on; -1 = all.
-    stages: int = Field(ge=-1)
+    stages: int = Field(ge=-1, le=1000)
 
 
 class CaptionConfig(_Strict):
@@ -218,21 +233,21 @@ class CaptionConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    experiment: str = Field(min_length=1)
-    run_name: str | None = None
+    experiment: NAME
+    run_name: Annotated[str, Field(min_length=1, max_length=250)] | None = None
     # What is learnt (services.train.engine.tasks.TASKS): the data, the loss and the metrics follow from it.
     task: Literal["classification", "trajectory", "captioning"] = "classification"
     model: ModelConfig
     data: DataConfig
-    epochs: int = Field(gt=0)
-    batch_size: int = Field(64, gt=0)
-    eval_batch_size: int | None = Field(None, gt=0)
+    epochs: int = Field(gt=0, le=MAX_EPOCHS)
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH)
+    eval_batch_size: int | None = Field(None, gt=0, le=MAX_BATCH)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0, le=1e6)
     # Gradient accumulation: one optimiser step per this many batches (effective batch = batch_size x steps).
-    accumulate_steps: int = Field(1, ge=1)
+    accumulate_steps: int = Field(1, ge=1, le=4096)
     amp: bool = False
     # NHWC memory layout for model and inputs: faster convolutions on GPUs with tensor cores.
     channels_last: bool = False
@@ -241,15 +256,17 @@ class TrainConfig(_Strict):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     deterministic: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     # Transfer learning: start with the backbone frozen and unfreeze stages on the given epochs.
     freeze_backbone: bool = False
-    unfreeze: list[UnfreezeStep] = Field(default_factory=list)
-    num_threads: int | None = Field(None, gt=0)
-    tags: dict[str, str] = Field(default_factory=dict)
+    unfreeze: list[UnfreezeStep] = Field(default_factory=list, max_length=1000)
+    num_threads: int | None = Field(None, gt=0, le=1024)
+    # MLflow's own limits on tag keys and values.
+    tags: dict[Annotated[str, Field(min_length=1, max_length=250)], Annotated[str, Field(max_length=5000)]] = Field(
+        default_factory=dict, max_length=100)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
 
     @model_validator(mode="after")

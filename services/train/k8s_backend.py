@@ -9,6 +9,7 @@ rendezvousing at pod 0 through the headless Service `trainyard-train-workers`.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,22 +159,34 @@ def build_job(record: RunRecord, settings: JobSettings) -> k8s.V1Job:
 class KubernetesBackend:
     name = "kubernetes"
 
-    def __init__(self, settings: JobSettings, api_client: k8s.ApiClient | None = None, store_url: str | None = None):
+    def __init__(self, settings: JobSettings, api_client: k8s.ApiClient | None = None, store_url: str | None = None,
+                 delete_timeout_s: float = 120.0, poll_s: float = 0.5):
         self.settings = settings
         self.api_client = api_client or _default_api_client()
         self.batch = k8s.BatchV1Api(self.api_client)
         self.core = k8s.CoreV1Api(self.api_client)
         self.store_url = store_url
+        self.delete_timeout_s = delete_timeout_s
+        self.poll_s = poll_s
+
+    def store(self):
+        return open_store(self.store_url) if self.store_url else open_store()
+
+    def restore(self, runs: list[tuple[RunRecord, Path]]) -> None:
+        pass  # Jobs live in the cluster, which queues and runs them whether this service runs or not
 
     def launch(self, record: RunRecord, run_dir: Path) -> dict:
         name = job_name(record.run_id)
-        # A resumed run reuses its id: the ended Job of the previous attempt must go first.
+        # A resumed run reuses its id: the previous attempt's Job must be gone, pods included, before the new one
+        # is created (else two workers train one run). Foreground deletion keeps the Job until its pods are
+        # deleted; its absence is polled for, as a watch opened after the delete may never see the DELETED event.
         try:
-            self.batch.delete_namespaced_job(name, self.settings.namespace, propagation_policy="Background")
-            self._wait_deleted(name)
+            self.batch.delete_namespaced_job(name, self.settings.namespace, propagation_policy="Foreground")
         except ApiException as exc:
             if exc.status != 404:
                 raise _api_error("delete", name, exc) from exc
+        else:
+            self._wait_gone(name)
         try:
             self.batch.create_namespaced_job(self.settings.namespace, build_job(record, self.settings))
         except ApiException as exc:
@@ -181,13 +194,20 @@ class KubernetesBackend:
         log.info("job created", extra={"run_id": record.run_id, "job": name, "namespace": self.settings.namespace})
         return {"job": name, "namespace": self.settings.namespace}
 
-    def _wait_deleted(self, name: str, timeout_s: int = 60) -> None:
-        stream = k8s_watch.Watch()
-        for event in stream.stream(self.batch.list_namespaced_job, self.settings.namespace,
-                                   field_selector=f"metadata.name={name}", timeout_seconds=timeout_s):
-            if event["type"] == "DELETED":
-                stream.stop()
-                return
+    def _wait_gone(self, name: str) -> None:
+        deadline = time.monotonic() + self.delete_timeout_s
+        while True:
+            try:
+                self.batch.read_namespaced_job(name, self.settings.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                raise _api_error("read", name, exc) from exc
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"Job {name} of the run's previous launch is still being deleted after "
+                                  f"{self.delete_timeout_s:.0f} s (its pods are terminating); submit again once "
+                                  "it is gone")
+            time.sleep(self.poll_s)
 
     def status(self, record: RunRecord) -> BackendStatus:
         name = job_name(record.run_id)
@@ -245,7 +265,7 @@ class KubernetesBackend:
 
     def events(self, record: RunRecord, run_dir: Path) -> list[dict]:
         # The pod has no disk in common with the service: the worker mirrors its events to the store.
-        store = open_store(self.store_url) if self.store_url else open_store()
+        store = self.store()
         key = events_key(record.run_id)
         return parse_events(store.get_bytes(key).decode()) if store.exists(key) else []
 

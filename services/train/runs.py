@@ -4,6 +4,10 @@ A run's record (`run.json`: config, backend, replicas, timestamps) lives in
 ``$TRAINYARD_HOME/runs/<run_id>/``; its live state is derived, never stored twice: the worker's
 events (``events.jsonl``, see ``events.py``) say what training did, and the backend says whether
 the process or Job is still alive. A worker that died without writing a final state is FAILED.
+
+A run id has one launch at a time: it is resubmitted (resumed from its newest checkpoint) only once its
+previous launch has ended and its worker is gone, and only with the config its checkpoints were trained
+with; ``fork`` starts a new run, under a new id, from scratch instead.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from pathlib import Path
 from typing import Protocol
 
 from services.train.config import parse_train_config
-from shared.config import load_yaml
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.config import config_hash, load_yaml
+from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
 from shared.logs import get_logger
 from shared.names import slug, validate_run_id
 from shared.settings import load_settings
@@ -26,6 +30,7 @@ from shared.settings import load_settings
 log = get_logger(__name__)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+MAX_REPLICAS = 256
 
 
 @dataclass
@@ -45,6 +50,11 @@ class RunRecord:
     handle: dict = field(default_factory=dict)
     # Labels the backend puts on what it launches (a study's trials carry their study and trial ids).
     labels: dict[str, str] = field(default_factory=dict)
+    # Events the run had before its current launch: only later state events tell how this launch went (an
+    # earlier launch's SUCCEEDED must not make a relaunched run that has not started yet look finished).
+    launch_events: int = 0
+    # The run this one was forked from (SubmitRun with fork): a new run, started from scratch.
+    forked_from: str = ""
 
 
 @dataclass
@@ -60,6 +70,12 @@ class Backend(Protocol):
     name: str
 
     def launch(self, run: RunRecord, run_dir: Path) -> dict: ...
+
+    def restore(self, runs: list[tuple[RunRecord, Path]]) -> None:
+        """Take back what an earlier server process launched: queued runs, workers still running."""
+
+    def store(self):
+        """The artifact store the backend's workers checkpoint to."""
 
     def status(self, run: RunRecord) -> BackendStatus: ...
 
@@ -77,6 +93,12 @@ class UnavailableBackend:
         self.name, self.reason = name, reason
 
     def launch(self, run: RunRecord, run_dir: Path) -> dict:
+        raise FailedPrecondition(f"backend {self.name!r} is unavailable: {self.reason}")
+
+    def restore(self, runs: list[tuple[RunRecord, Path]]) -> None:
+        pass
+
+    def store(self):
         raise FailedPrecondition(f"backend {self.name!r} is unavailable: {self.reason}")
 
     def status(self, run: RunRecord) -> BackendStatus:
@@ -110,19 +132,23 @@ class RunView:
     # (killed, evicted): such a run can be resumed from its newest checkpoint.
     reported: bool = False
     benchmark_seconds: float = 0.0  # measuring the exported model (benchmark.enabled), part of the run
+    # The backend still holds a launch of the run: queued, or a worker that has not exited (it may have
+    # reported its end already). No new launch may start until it is gone.
+    active: bool = False
 
 
 def derive(record: RunRecord, events: list[dict], status: BackendStatus) -> RunView:
-    view = RunView(record=record, state="QUEUED")
-    for ev in events:
+    view = RunView(record=record, state="QUEUED", active=status.phase in ("pending", "running"))
+    for i, ev in enumerate(events):
         kind = ev.get("type")
         if kind == "state":
             if ev.get("state") == "RUNNING" and not view.started:
                 view.started = ev.get("ts", 0.0)
-            # A resumed run writes RUNNING again after an earlier terminal state.
+            view.mlflow_run_id = ev.get("mlflow_run_id", view.mlflow_run_id)
+            if i < record.launch_events:
+                continue  # how an earlier launch went; the backend says where this one is until it reports
             view.state = ev["state"]
             view.message = ev.get("message", "")
-            view.mlflow_run_id = ev.get("mlflow_run_id", view.mlflow_run_id)
             view.reported = ev["state"] in TERMINAL
             if view.reported:
                 view.finished = ev.get("ts", 0.0)
@@ -155,7 +181,19 @@ class RunManager:
         self.default_backend = default_backend
         self.root = root or load_settings().home / "runs"
         self.root.mkdir(parents=True, exist_ok=True)
+        # Guards the records and the launch reservations; never held while waiting on a backend.
         self._lock = threading.Lock()
+        self._launching: set[str] = set()
+        # An earlier server process may have left queued runs and running workers behind (kill -9, a crash).
+        records = []
+        for path in self._record_paths():
+            record = self._read(path)
+            # Only records as this registry wrote them are taken back; a hand-edited one is only ever listed.
+            if isinstance(record, RunRecord) and record.run_id == path.parent.name \
+                    and isinstance(record.submitted, (int, float)):
+                records.append(record)
+        for name, backend in backends.items():
+            backend.restore([(r, self.run_dir(r.run_id)) for r in records if r.backend == name])
 
     # -- records -------------------------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:
@@ -168,6 +206,16 @@ class RunManager:
         tmp.write_text(json.dumps(asdict(record), indent=2))
         tmp.replace(path)
 
+    def _record_paths(self) -> list[Path]:
+        return list(self.root.glob("*/run.json"))
+
+    @staticmethod
+    def _read(path: Path) -> RunRecord | Exception:
+        try:
+            return RunRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            return exc
+
     def exists(self, run_id: str) -> bool:
         return (self.run_dir(validate_run_id(run_id)) / "run.json").exists()
 
@@ -176,7 +224,10 @@ class RunManager:
         path = self.run_dir(run_id) / "run.json"
         if not path.exists():
             raise NotFound(f"run {run_id!r} does not exist")
-        return RunRecord(**json.loads(path.read_text()))
+        record = self._read(path)
+        if isinstance(record, Exception):
+            raise IntegrityError(f"the record of run {run_id!r} is unreadable: {record}")
+        return record
 
     def _backend(self, name: str) -> Backend:
         try:
@@ -186,49 +237,80 @@ class RunManager:
 
     # -- operations ----------------------------------------------------------------------------
     def submit(self, config_yaml: str, overrides: list[str] = (), backend: str = "", run_id: str = "",
-               replicas: int = 0, labels: dict[str, str] | None = None) -> RunView:
-        """Validate the config and start it; an existing, ended ``run_id`` resumes from its checkpoint."""
+               replicas: int = 0, labels: dict[str, str] | None = None, fork: bool = False) -> RunView:
+        """Validate the config and start it. An existing ``run_id`` resumes from its newest checkpoint, with the
+        config that checkpoint was trained with; with ``fork`` a new run (``<run_id>-fork-<hex>``) starts from
+        scratch instead, the old one left as it is."""
         data = load_yaml(config_yaml, "config_yaml")
         config = parse_train_config(data, list(overrides))
         replicas = replicas or 1
-        if replicas < 1 or config.batch_size % replicas:
+        if not 1 <= replicas <= MAX_REPLICAS or config.batch_size % replicas:
             raise InvalidArgument(
-                f"replicas={replicas} must be >= 1 and divide batch_size={config.batch_size}"
+                f"replicas={replicas} must be 1 to {MAX_REPLICAS} and divide batch_size={config.batch_size}"
             )
+        forked_from = ""
+        if fork:
+            if not run_id:
+                raise InvalidArgument("fork needs the run_id of the run to fork")
+            forked_from = self.load(run_id).run_id
+            run_id = f"{forked_from[:29].rstrip('-')}-fork-{uuid.uuid4().hex[:6]}"
+        resumable = bool(run_id) and not fork  # a run id of the caller's may have checkpoints to resume
+        run_id = validate_run_id(run_id or f"{slug(config.experiment)}-{uuid.uuid4().hex[:8]}")
         with self._lock:
-            if run_id:
-                try:
-                    record = self.load(run_id)
-                except NotFound:
-                    record = None
-                if record is not None:
-                    view = self.view(record)
-                    if view.state not in TERMINAL:
-                        raise FailedPrecondition(f"run {run_id!r} is still {view.state}; cancel it first")
-                    log.info("resuming run", extra={"run_id": run_id})
-                    record.config_yaml, record.overrides = config_yaml, list(overrides)
-                    record.cancelled = False
+            if run_id in self._launching:
+                raise FailedPrecondition(f"run {run_id!r} is being launched right now; a run has one launch at a time")
+            record = self.load(run_id) if self.exists(run_id) else None
+            if record is not None:
+                self._ensure_ended(record)
+            self._launching.add(run_id)
+        # The launch itself may wait (a previous Job's deletion): other calls go on meanwhile, and this run id
+        # stays reserved until its new record is saved.
+        try:
+            if record is not None:
+                log.info("resuming run", extra={"run_id": run_id})
+                record.config_yaml, record.overrides = config_yaml, list(overrides)
+                record.cancelled = False
             else:
-                run_id = f"{slug(config.experiment)}-{uuid.uuid4().hex[:8]}"
-                record = None
-            if record is None:
-                validate_run_id(run_id)
                 record = RunRecord(
                     run_id=run_id, backend=backend or self.default_backend, config_yaml=config_yaml,
                     overrides=list(overrides), replicas=replicas, experiment=config.experiment,
-                    model=config.model.name, epochs=config.epochs, created=time.time(),
+                    model=config.model.name, epochs=config.epochs, created=time.time(), forked_from=forked_from,
                 )
             record.backend = backend or record.backend
+            # A run without checkpoints may be resubmitted with another config: the record follows it.
+            record.experiment, record.model, record.epochs = config.experiment, config.model.name, config.epochs
             record.replicas = replicas
             record.labels = dict(labels or record.labels)
             record.submitted = time.time()
+            be = self._backend(record.backend)
+            if resumable:
+                # checkpoint.py brings torch, which nothing else in the service needs.
+                from services.train.checkpoint import ensure_resumable
+
+                ensure_resumable(be.store(), run_id, config_hash(config),
+                                 "resubmit it with the same config to resume it, or fork it (SubmitRun fork, "
+                                 "trainyard train --fork) to start a new run from scratch with this config")
             run_dir = self.run_dir(run_id)
             run_dir.mkdir(parents=True, exist_ok=True)
+            record.launch_events = len(be.events(record, run_dir))
             (run_dir / "config.yaml").write_text(config_yaml)
-            record.handle = self._backend(record.backend).launch(record, run_dir)
+            record.handle = be.launch(record, run_dir)
             self._save(record)
-        log.info("run submitted", extra={"run_id": run_id, "backend": record.backend, "replicas": replicas})
+        finally:
+            with self._lock:
+                self._launching.discard(run_id)
+        log.info("run submitted", extra={"run_id": run_id, "backend": record.backend, "replicas": replicas,
+                                         "forked_from": forked_from})
         return self.view(record)
+
+    def _ensure_ended(self, record: RunRecord) -> None:
+        view = self.view(record)
+        if view.state not in TERMINAL:
+            raise FailedPrecondition(f"run {record.run_id!r} is still {view.state}: a run has one launch at a time; "
+                                     "wait for it to end or cancel it first")
+        if view.active:
+            raise FailedPrecondition(f"run {record.run_id!r} is {view.state} but its worker has not exited yet: a "
+                                     "run has one launch at a time; resubmit it once the worker is gone")
 
     def view(self, record: RunRecord) -> RunView:
         backend = self._backend(record.backend)
@@ -238,27 +320,34 @@ class RunManager:
         return self.view(self.load(run_id))
 
     def list(self, state: str = "", limit: int = 0) -> list[RunView]:
-        records = []
-        for path in self.root.glob("*/run.json"):
+        views = []
+        for path in self._record_paths():
+            record = self._read(path)
             try:
-                records.append(RunRecord(**json.loads(path.read_text())))
-            except (OSError, ValueError, TypeError):
-                log.warning("unreadable run record", extra={"path": str(path)})
-        records.sort(key=lambda r: r.created, reverse=True)
-        views = [self.view(r) for r in records]
+                if isinstance(record, Exception):
+                    raise IntegrityError(f"unreadable run record: {record}")
+                views.append(self.view(record))
+            except Exception as exc:  # noqa: BLE001 - one bad record is listed as such, never fails the list
+                log.warning("run cannot be listed", extra={"path": str(path), "error": str(exc)})
+                views.append(_unknown(path.parent.name, record, exc))
+        views.sort(key=lambda v: v.record.created if isinstance(v.record.created, (int, float)) else 0.0,
+                   reverse=True)
         if state:
             views = [v for v in views if v.state == state]
         return views[:limit] if limit else views
 
     def cancel(self, run_id: str) -> RunView:
         with self._lock:
+            if run_id in self._launching:
+                raise FailedPrecondition(f"run {run_id!r} is being launched right now; cancel it once it is")
             record = self.load(run_id)
             view = self.view(record)
             if view.state in TERMINAL:
                 raise FailedPrecondition(f"run {run_id!r} already ended: {view.state}")
             record.cancelled = True
             self._save(record)
-            self._backend(record.backend).cancel(record)
+        # Stopping a worker waits out its grace period: not while holding the lock every other call needs.
+        self._backend(record.backend).cancel(record)
         log.info("run cancelled", extra={"run_id": run_id})
         return self.view(record)
 
@@ -279,3 +368,11 @@ class RunManager:
             if view.state in TERMINAL:
                 return
             self._backend(record.backend).wait(record, poll)
+
+
+def _unknown(run_id: str, record: RunRecord | Exception, exc: Exception) -> RunView:
+    """A run whose state cannot be told (its record unreadable, its backend failing for it): listed with why."""
+    if not isinstance(record, RunRecord):
+        record = RunRecord(run_id=run_id, backend="", config_yaml="", overrides=[], replicas=0, experiment="",
+                           model="", epochs=0, created=0.0)
+    return RunView(record=record, state="UNSPECIFIED", message=f"state unavailable: {exc}")

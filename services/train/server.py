@@ -12,18 +12,28 @@ from services.train.runs import RunManager, RunView, UnavailableBackend
 from services.train.studies.manager import StudyManager, StudyRecord
 from shared.errors import FailedPrecondition
 from shared.grpc_server import serve, service_arg_parser
+from shared.logs import get_logger
 from shared.pb import train_pb2, train_pb2_grpc
+
+log = get_logger(__name__)
 
 
 def to_proto(view: RunView) -> train_pb2.Run:
     r = view.record
-    return train_pb2.Run(
-        run_id=r.run_id, state=train_pb2.RunState.Value(f"RUN_STATE_{view.state}"), backend=r.backend,
-        experiment=r.experiment, model=r.model, epoch=view.epoch, epochs=r.epochs, metrics=view.metrics,
-        mlflow_run_id=view.mlflow_run_id, message=view.message, created_unix=r.created,
-        started_unix=view.started, finished_unix=view.finished, config_yaml=r.config_yaml, replicas=r.replicas,
-        model_uri=view.model_uri,
-    )
+    try:
+        return train_pb2.Run(
+            run_id=r.run_id, state=train_pb2.RunState.Value(f"RUN_STATE_{view.state}"), backend=r.backend,
+            experiment=r.experiment, model=r.model, epoch=view.epoch, epochs=r.epochs, metrics=view.metrics,
+            mlflow_run_id=view.mlflow_run_id, message=view.message, created_unix=r.created,
+            started_unix=view.started, finished_unix=view.finished, config_yaml=r.config_yaml, replicas=r.replicas,
+            model_uri=view.model_uri, forked_from=r.forked_from,
+        )
+    except (ValueError, TypeError) as exc:
+        # A record the message cannot carry (written before its fields were bounded, or edited by hand) is
+        # answered as such: raised, it would turn every ListRuns into INTERNAL for everyone.
+        log.warning("run cannot be encoded", extra={"run_id": str(r.run_id), "error": str(exc)})
+        return train_pb2.Run(run_id=str(r.run_id), state=train_pb2.RUN_STATE_UNSPECIFIED,
+                             message=f"this run's record cannot be reported: {exc}")
 
 
 def study_to_proto(record: StudyRecord, metrics: dict[str, dict[str, float]] | None = None) -> train_pb2.Study:
@@ -47,7 +57,7 @@ class TrainServiceServicer(train_pb2_grpc.TrainServiceServicer):
 
     def SubmitRun(self, request, context):
         view = self.manager.submit(request.config_yaml, list(request.overrides), request.backend,
-                                   request.run_id, request.replicas)
+                                   request.run_id, request.replicas, fork=request.fork)
         return to_proto(view)
 
     def GetRun(self, request, context):

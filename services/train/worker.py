@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from shared.errors import Cancelled, InvalidArgument, NotFound, TrainyardError
+from shared.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, TrainyardError
 from shared.logs import configure, get_logger
 
 log = get_logger("services.train.worker")
@@ -40,9 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     configure()
     args = build_parser().parse_args(argv)
+    from services.train.checkpoint import ensure_resumable
     from services.train.config import load_train_config, parse_train_config
     from services.train.engine import Engine
-    from shared.config import load_yaml
+    from shared.config import config_hash, load_yaml
+    from shared.names import validate_name
+    from shared.storage import open_store
 
     try:
         if args.config_env:
@@ -52,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                                      args.overrides)
         else:
             cfg = load_train_config(args.config, args.overrides)
-    except (InvalidArgument, NotFound) as exc:
+        validate_name(args.run_id, "run id")
+        store = open_store(args.store)
+        # However it was launched (the service checks first; a Job applied by hand, a worker run by hand), a run
+        # resumes only under the config its checkpoints were trained with.
+        ensure_resumable(store, args.run_id, config_hash(cfg),
+                         "run it with that config to resume it, or under another run id to start afresh")
+    except (InvalidArgument, NotFound, FailedPrecondition) as exc:
         log.error("bad config", extra={"error": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -70,11 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    store = None
-    if args.store:
-        from shared.storage import open_store
-
-        store = open_store(args.store)
     try:
         engine = Engine(cfg, args.run_id, store=store, events_path=args.events, tracking=not args.no_tracking,
                         tracking_uri=args.tracking_uri, export=False if args.no_export else None,

@@ -23,21 +23,23 @@ RUN_STATE_FAILED: RunState
 RUN_STATE_CANCELLED: RunState
 
 class SubmitRunRequest(_message.Message):
-    __slots__ = ("config_yaml", "overrides", "backend", "run_id", "replicas")
+    __slots__ = ("config_yaml", "overrides", "backend", "run_id", "replicas", "fork")
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FORK_FIELD_NUMBER: _ClassVar[int]
     config_yaml: str
     overrides: _containers.RepeatedScalarFieldContainer[str]
     backend: str
     run_id: str
     replicas: int
-    def __init__(self, config_yaml: _Optional[str] = ..., overrides: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., run_id: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+    fork: bool
+    def __init__(self, config_yaml: _Optional[str] = ..., overrides: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., run_id: _Optional[str] = ..., replicas: _Optional[int] = ..., fork: _Optional[bool] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "state", "backend", "experiment", "model", "epoch", "epochs", "metrics", "mlflow_run_id", "message", "created_unix", "started_unix", "finished_unix", "config_yaml", "replicas", "model_uri")
+    __slots__ = ("run_id", "state", "backend", "experiment", "model", "epoch", "epochs", "metrics", "mlflow_run_id", "message", "created_unix", "started_unix", "finished_unix", "config_yaml", "replicas", "model_uri", "forked_from")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +63,7 @@ class Run(_message.Message):
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    FORKED_FROM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     backend: str
@@ -77,7 +80,8 @@ class Run(_message.Message):
     config_yaml: str
     replicas: int
     model_uri: str
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., backend: _Optional[str] = ..., experiment: _Optional[str] = ..., model: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mlflow_run_id: _Optional[str] = ..., message: _Optional[str] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., config_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., model_uri: _Optional[str] = ...) -> None: ...
+    forked_from: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., backend: _Optional[str] = ..., experiment: _Optional[str] = ..., model: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mlflow_run_id: _Optional[str] = ..., message: _Optional[str] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., config_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., model_uri: _Optional[str] = ..., forked_from: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -2,6 +2,11 @@
 
 It is not a cluster: it stores Job objects in memory, lets a test set their status, streams watch
 events when they change, and records every request so tests can assert the exact calls made.
+
+Deletion follows the API server: a ``Background`` (or orphaning) delete removes the Job at once; a
+``Foreground`` one marks it (``deletionTimestamp``, the ``foregroundDeletion`` finalizer) and removes it
+``deletion_delay_s`` later, when its pods would have terminated. Meanwhile it can still be read, and
+creating a Job of the same name is a conflict.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import json
 import queue
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -31,6 +37,7 @@ class FakeKube:
     jobs: dict[tuple[str, str], dict] = field(default_factory=dict)
     pods: list[dict] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
+    deletion_delay_s: float = 0.0
     _watchers: list[queue.Queue] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -43,6 +50,12 @@ class FakeKube:
     def _notify(self, kind: str, job: dict) -> None:
         for q in list(self._watchers):
             q.put({"type": kind, "object": job})
+
+    def _remove(self, namespace: str, name: str) -> None:
+        with self._lock:
+            job = self.jobs.pop((namespace, name), None)
+            if job is not None:
+                self._notify("DELETED", job)
 
 
 def _handler(state: FakeKube):
@@ -136,17 +149,28 @@ def _handler(state: FakeKube):
                     self.wfile.write(b"0\r\n\r\n")
 
         def do_DELETE(self):
-            path, _, _ = self._record()
+            path, query, body = self._record()
             m = _JOBS.match(path)
             if not m or not m.group(2):
                 return self._send(404, {})
             ns, name = m.group(1), m.group(2)
+            policy = query.get("propagationPolicy") or (body or {}).get("propagationPolicy") or "Background"
             with state._lock:
-                job = state.jobs.pop((ns, name), None)
+                job = state.jobs.get((ns, name))
                 if job is None:
                     return self._not_found(name)
-                state._notify("DELETED", job)
-            self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+                if policy != "Foreground" or not state.deletion_delay_s:
+                    state.jobs.pop((ns, name))
+                    state._notify("DELETED", job)
+                    return self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+                if "deletionTimestamp" not in job["metadata"]:
+                    job["metadata"]["deletionTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                    job["metadata"]["finalizers"] = ["foregroundDeletion"]
+                    state._notify("MODIFIED", job)
+                    timer = threading.Timer(state.deletion_delay_s, state._remove, (ns, name))
+                    timer.daemon = True
+                    timer.start()
+            self._send(200, job)
 
     return Handler
 
