@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import InvalidArgument
-from shared.storage import ArtifactStore, Manifest, open_location
+from shared.storage import ArtifactStore, Manifest, open_location, open_output
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 INDEX_NAME = "index.json"
@@ -82,10 +82,14 @@ def publish_index(store: ArtifactStore, out_prefix: str, index: dict[str, Any]) 
 
 def index_dataset(kind: str, path: str, out: str = "") -> tuple[str, dict[str, Any]]:
     """Index the published dataset at ``path`` and publish the index at ``out`` (default ``<path>-index``);
-    ``kind`` is "image-folder" or "trajectories". Returns (where the index went, the index)."""
-    store, prefix = open_location(path)
-    index = image_folder_from_store(store, prefix) if kind == "image-folder" else trajectory_from_store(store, prefix)
+    ``kind`` is "image-folder" or "trajectories". Returns (where the index went, the index).
+
+    Every file the index vouches for (each trajectory shard, each image) is checked against the manifest
+    first: an index of damaged data is refused (IntegrityError), not published."""
     out = out or f"{path.rstrip('/')}-index"
-    out_store, out_prefix = open_location(out)
+    out_store, out_prefix = open_output(out)
+    store, prefix = open_location(path)
+    store.verify(prefix)
+    index = image_folder_from_store(store, prefix) if kind == "image-folder" else trajectory_from_store(store, prefix)
     publish_index(out_store, out_prefix, index)
     return out, index

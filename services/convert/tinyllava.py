@@ -25,7 +25,7 @@ from typing import Any
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
 from shared.parallel import pool_context
-from shared.storage import is_url
+from shared.storage import ArtifactStore, is_url, open_output
 from shared.storage.manifest import now_iso
 
 from .describe import describe_cad
@@ -219,11 +219,8 @@ def _length_stats(records: list[dict]) -> dict[str, float]:
             "mean_words": round(sum(words) / len(words), 1), "min_words": min(words), "max_words": max(words)}
 
 
-def _publish(out: str, files: dict[str, bytes], meta: dict) -> str:
-    """Publish under ``out`` (a local directory or store URL) with MANIFEST.json written last."""
-    from shared.storage import open_location
-
-    store, prefix = open_location(out)
+def _publish(store: ArtifactStore, prefix: str, files: dict[str, bytes], meta: dict) -> str:
+    """Publish under ``prefix`` with MANIFEST.json written last (under the prefix's write lease)."""
     store.publish(prefix, files, meta=meta)
     return f"{store.url.rstrip('/')}/{prefix}"
 
@@ -256,6 +253,7 @@ def convert_tinyllava(
         wanted = load_split_file(split_file)
         stats.split_source = f"file:{Path(split_file).name}"
         assign = {m: name for name, ids in wanted.items() for m in ids}
+    out_store, out_prefix = open_output(out)  # refused before any work when it may not be written
         in_split = [m for m in have_views if m in assign]
         if len(in_split) < len(have_views):
             skipped["not_in_split"] = len(have_views) - len(in_split)
@@ -315,7 +313,8 @@ def convert_tinyllava(
     }
     files["dataset_info.json"] = json.dumps(info, indent=1).encode()
     files["tinyllava_metadata.json"] = json.dumps(metadata, indent=1).encode()
-    stats.out = _publish(out, files, meta={"kind": "tinyllava", **info, "image_size": metadata["image_size"]})
+    stats.out = _publish(out_store, out_prefix, files,
+                         meta={"kind": "tinyllava", **info, "image_size": metadata["image_size"]})
 
     stats.models = len(descriptions)
     stats.records = len(all_records)

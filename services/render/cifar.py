@@ -170,7 +170,7 @@ class CifarSynthJob:
         simply redone (``resume`` accepted for a uniform interface)."""
         prefix = prefix.strip("/")
         if store.is_published(prefix):
-            raise AlreadyExists(f"{prefix!r} is already published in {store.url}; choose another prefix")
+            raise AlreadyExists(f"{prefix!r} is already published in {store.url}; choose another --out")
         t0 = time.perf_counter()
         total, done = self.train + self.test, [0]
 

@@ -160,7 +160,7 @@ class DigitsJob:
         run is simply redone (``resume`` accepted for a uniform interface)."""
         prefix = prefix.strip("/")
         if store.is_published(prefix):
-            raise AlreadyExists(f"{prefix!r} is already published in {store.url}; choose another prefix")
+            raise AlreadyExists(f"{prefix!r} is already published in {store.url}; choose another --out")
         t0 = time.perf_counter()
         files: dict[str, bytes] = {}
         counts: dict[str, list[int]] = {}

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.render.shards import ProgressFn, run_sharded
+from services.render.shards import RENDER_LEASE_ADVICE, ProgressFn, run_sharded
 from shared.errors import InvalidArgument
 from shared.storage import ArtifactStore, Manifest
 
@@ -179,8 +179,9 @@ def failure_limit(max_failures: str, total: int) -> int:
 def run_job(job: Any, store: ArtifactStore, prefix: str, *, workers: int = 1, resume: bool = False,
             progress: ProgressFn | None = None, max_failures: str = DEFAULT_MAX_FAILURES) -> Manifest:
     _check_range("workers", workers, 1, MAX_WORKERS)
-    limit = failure_limit(max_failures, job.total)
     if hasattr(job, "run"):  # the digit and CIFAR writers have no per-item failures
-        return job.run(store, prefix, workers=workers, resume=resume, progress=progress)
+        # They publish in one step at the end; the lease makes them the output's one writer from the start.
+        with store.lease(prefix, purpose=f"render {job.kind}", advice=RENDER_LEASE_ADVICE):
+            return job.run(store, prefix, workers=workers, resume=resume, progress=progress)
     return run_sharded(job, store, prefix, workers=workers, resume=resume, progress=progress,
-                       max_failed_items=limit)
+                       max_failed_items=failure_limit(max_failures, job.total))

@@ -23,7 +23,6 @@ records are removed once the manifest exists.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import multiprocessing
 import shutil
@@ -37,6 +36,7 @@ from shared.logs import get_logger
 from shared.parallel import pool_context
 from shared.storage.base import ArtifactStore
 from shared.storage.local import LocalStore
+from shared.storage.lease import Lease
 from shared.storage.manifest import FileEntry, Manifest, hash_bytes, now_iso
 
 log = get_logger(__name__)
@@ -47,6 +47,9 @@ METADATA_NAME = "metadata.json"
 
 ProgressFn = Callable[[int, int, dict], None]
 
+# What a render that finds its output taken is told to do (CLI flags; RenderRequest fields of the same name).
+RENDER_LEASE_ADVICE = ("wait for that render to finish, or render to another --out; if it was stopped, rerun "
+                       "with --resume once its lease is free to continue from its complete shards")
 
 class ShardPlan:
     """``(index, start, stop)`` for every shard of a ``total``-item dataset, computed on demand, so a plan
@@ -94,10 +97,12 @@ def publish_existing(
     """
     if not files:
         raise InvalidArgument(f"publish {prefix!r}: no files given")
-    if store.is_published(prefix):
-        raise AlreadyExists(f"{prefix!r} is already published in {store.url}")
-    manifest = Manifest(files=dict(files), meta=dict(meta), created=now_iso())
-    store.put_bytes(f"{prefix}/MANIFEST.json", manifest.to_json())
+    with store.lease(prefix, purpose=f"publish {prefix}") as lease:
+        if store.is_published(prefix):
+            raise AlreadyExists(f"{prefix!r} is already published in {store.url}")
+        manifest = Manifest(files=dict(files), meta=dict(meta), created=now_iso())
+        lease.ensure()  # a writer whose lease lapsed must not publish over its successor's files
+        store.put_bytes(f"{prefix}/MANIFEST.json", manifest.to_json())
     log.info("published", extra={"store": store.url, "prefix": prefix, "files": len(files),
                                  "bytes": manifest.total_size})
     return manifest
@@ -179,7 +184,7 @@ def _verified(store: ArtifactStore, prefix: str, record: dict) -> bool:
 def _check_existing(store: ArtifactStore, prefix: str, spec: dict, resume: bool) -> bool:
     """Validate what is already at ``prefix``; True when a previous run's records are there."""
     if store.is_published(prefix):
-        raise AlreadyExists(f"{prefix!r} is already published in {store.url}; choose another prefix")
+        raise AlreadyExists(f"{prefix!r} is already published in {store.url}; choose another --out")
     existing = store.list(prefix)
     if not existing:
         return False
@@ -248,10 +253,23 @@ def run_sharded(
     mp_context: multiprocessing.context.BaseContext | None = None,
     max_failed_items: int | None = None,
 ) -> Manifest:
-    """Render ``job`` into ``store`` under ``prefix`` shard by shard and publish it; see the module doc."""
+    """Render ``job`` into ``store`` under ``prefix`` shard by shard and publish it; see the module doc.
+
+    The render is the prefix's one writer: it holds the prefix's lease from the first look at what is
+    there to the manifest, so a second render of the same output (another process, replica or thread)
+    fails at once naming this one, instead of interleaving its files with these.
+    """
     prefix = prefix.strip("/")
     if workers < 1:
         raise InvalidArgument(f"workers must be >= 1, got {workers}")
+    with store.lease(prefix, purpose=f"render {job.kind}", advice=RENDER_LEASE_ADVICE) as lease:
+        return _render_and_publish(job, store, prefix, lease, workers=workers, resume=resume, progress=progress,
+                                   mp_context=mp_context, max_failed_items=max_failed_items)
+
+
+def _render_and_publish(job, store: ArtifactStore, prefix: str, lease: Lease, *, workers: int, resume: bool,
+                        progress: ProgressFn | None, mp_context: multiprocessing.context.BaseContext | None,
+                        max_failed_items: int | None) -> Manifest:
     spec = run_spec(job)
     plan = ShardPlan(job.total, job.shard_size)
     resuming = _check_existing(store, prefix, spec, resume)
@@ -289,9 +307,7 @@ def run_sharded(
         for result in results:
             try:
                 record = _write_shard(store, prefix, result)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
+            except ResourceExhausted as exc:  # the store's word for a full disk
                 _discard_partial(store, prefix, result)
                 raise ResourceExhausted(
                     f"no space left on the device while writing shard {result['index']} of {prefix!r}: "
@@ -302,6 +318,7 @@ def run_sharded(
             n_items = record["stop"] - record["start"]
             done_items += n_items
             written_items += n_items
+            lease.ensure()  # stop writing as soon as another writer has taken the prefix over
             written_bytes += sum(e["size"] for e in record["files"].values())
             if written_items == n_items and done_items < job.total:
                 # The first real shard is a far better size estimate than any guess made up front.
@@ -337,9 +354,7 @@ def run_sharded(
         store.put_bytes(f"{prefix}/{METADATA_NAME}", metadata)
         files[METADATA_NAME] = hash_bytes(metadata)
         manifest = publish_existing(store, prefix, files, meta)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
+    except ResourceExhausted as exc:
         raise ResourceExhausted(
             f"no space left on the device while publishing {prefix!r}: all {len(plan)} shards are complete; "
             "free space and rerun with --resume to publish"

@@ -12,13 +12,17 @@ from pathlib import Path
 from shared.errors import InvalidArgument
 from shared.settings import Settings, load_settings
 from shared.storage.base import ArtifactStore, validate_key
+from shared.storage.lease import Lease, LeaseConflict
 from shared.storage.local import LocalStore
 from shared.storage.manifest import MANIFEST_NAME, FileEntry, Manifest
 from shared.storage.s3 import S3Store
 
 __all__ = [
     "ArtifactStore",
+    "DATASETS_ROOT",
     "FileEntry",
+    "Lease",
+    "LeaseConflict",
     "LocalStore",
     "MANIFEST_NAME",
     "Manifest",
@@ -26,6 +30,7 @@ __all__ = [
     "dataset_source",
     "is_url",
     "open_location",
+    "open_output",
     "open_store",
     "split_location",
     "validate_key",
@@ -83,6 +88,61 @@ def open_location(location: str, settings: Settings | None = None) -> tuple[Arti
     """The store holding ``location`` and the prefix of ``location`` inside it (see split_location)."""
     store_url, prefix = split_location(location)
     return open_store(store_url, settings), prefix
+
+
+# The one area of the platform's store that render and convert may write; models/, runs/, studies/ are
+# written by the platform's own services only.
+DATASETS_ROOT = "datasets"
+
+
+def open_output(location: str | os.PathLike, settings: Settings | None = None) -> tuple[ArtifactStore, str]:
+    """The store and prefix a dataset *output* goes to, confined: inside the platform's store
+    (TRAINYARD_STORE) only under ``datasets/<name>``; elsewhere only as a local path (a plain path or
+    ``file://``). ``store:datasets/<name>`` names the store's area directly. A ``..`` segment is refused
+    before anything resolves, and a local path is judged where it resolves to (symlinks followed), so no
+    spelling reaches ``models/`` or ``runs/``.
+    """
+    settings = settings or load_settings()
+    location = os.fspath(location)
+    if not isinstance(location, str) or not location.strip():
+        raise InvalidArgument("the output location is empty: give a local path, file://…, s3://… or store:…")
+    if ".." in location.replace("\\", "/").split("/"):
+        raise InvalidArgument(f"output location {location!r} contains '..': spell the folder without it")
+    store_url = settings.store_url.rstrip("/")
+    if location.startswith("store:"):
+        location = f"{store_url}/{location[len('store:'):].strip('/')}"
+    target_url, prefix = split_location(location)
+    target = f"{target_url.rstrip('/')}/{prefix}"
+    area = _store_area(store_url, target)
+    if area is None:
+        if target.startswith("s3://"):
+            raise InvalidArgument(
+                f"output location {location!r} is outside the artifact store: object-store outputs go under "
+                f"{store_url}/{DATASETS_ROOT}/<name> (TRAINYARD_STORE), or give a local path")
+        return open_store(target_url, settings), prefix
+    parts = area.split("/") if area else []
+    if len(parts) < 2 or parts[0] != DATASETS_ROOT:
+        raise InvalidArgument(
+            f"output location {location!r} is inside the artifact store {store_url} but not in its datasets "
+            f"area: write to {store_url}/{DATASETS_ROOT}/<name> (store:{DATASETS_ROOT}/<name>); "
+            f"models/, runs/ and studies/ are the platform's own")
+    return open_store(target_url, settings), prefix
+
+
+def _store_area(store_url: str, target: str) -> str | None:
+    """``target``'s key inside the store at ``store_url`` ("" for its root), or None when ``target`` lies
+    outside it. A target that *contains* the store counts as its root: writing there could reach it."""
+    if store_url.startswith("s3://") != target.startswith("s3://"):
+        return None
+    if store_url.startswith("s3://"):
+        root, path = store_url[len("s3://"):].strip("/"), target[len("s3://"):].strip("/")
+    else:
+        root = str(Path(store_url.removeprefix("file://")).expanduser().resolve())
+        path = target.removeprefix("file://")
+    root, path = root.rstrip("/"), path.rstrip("/")
+    if path == root or root.startswith(path + "/"):
+        return ""
+    return path[len(root) + 1:] if path.startswith(root + "/") else None
 
 
 def dataset_source(location: str, settings: Settings | None = None) -> tuple[str, str | None]:

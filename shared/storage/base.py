@@ -9,15 +9,18 @@ reader that sees the manifest sees every file it names.
 from __future__ import annotations
 
 import abc
+import contextlib
+import errno
 import os
 import pathlib
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
-from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from shared.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound, ResourceExhausted
 from shared.logs import get_logger
+from shared.storage.lease import LEASE_NAME, Lease, held
 from shared.storage.manifest import (
     MANIFEST_NAME,
     FileEntry,
@@ -50,7 +53,29 @@ def validate_key(key: str, what: str = "key") -> str:
             raise InvalidArgument(f"{what} {key!r} contains a {segment!r} segment")
         if segment.startswith(TEMP_PREFIX):
             raise InvalidArgument(f"{what} {key!r} uses the reserved name prefix {TEMP_PREFIX!r}")
+        if segment == LEASE_NAME:
+            raise InvalidArgument(f"{what} {key!r} uses the reserved name {LEASE_NAME!r} (a writer's lease)")
     return key
+
+
+def is_reserved(key: str) -> bool:
+    """Whether ``key`` is the store's own bookkeeping (a staged write, a lease), never data."""
+    name = key.rsplit("/", 1)[-1]
+    return name == LEASE_NAME or name.startswith(TEMP_PREFIX)
+
+
+# Out of space (or quota): the store reports it as ResourceExhausted, whichever write ran into it.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _disk_full_is_resource_exhausted(where: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise ResourceExhausted(f"no space left on the device writing {where}: {exc.strerror}") from exc
 
 
 def _prefix(prefix: str, allow_root: bool) -> str:
@@ -96,16 +121,36 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def _delete_prefix(self, prefix: str) -> None: ...
 
+    # Conditional writes for leases (see shared.storage.lease); a version is an opaque string.
+
+    @abc.abstractmethod
+    def _lease_read(self, key: str) -> tuple[bytes, str] | None:
+        """(content, version) of ``key``, or None when it is absent."""
+
+    @abc.abstractmethod
+    def _lease_write(self, key: str, data: bytes, version: str | None) -> str | None:
+        """Write ``key`` only if it is absent (``version`` None) or still at ``version``; the new
+        version, or None when the condition failed."""
+
+    @abc.abstractmethod
+    def _lease_delete(self, key: str, version: str) -> None:
+        """Delete ``key`` only if it is still at ``version``."""
+
+    # Seconds a lease lives without renewal on this backend; None: it never lapses (see lease.py).
+    lease_ttl: float | None = None
+
     # ---- plain object operations ----
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._write_bytes(validate_key(key), bytes(data))
+        with _disk_full_is_resource_exhausted(f"{self.url}/{key}"):
+            self._write_bytes(validate_key(key), bytes(data))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         path = pathlib.Path(path)
         if not path.is_file():
             raise NotFound(f"local file {path} does not exist")
-        self._write_file(validate_key(key), path)
+        with _disk_full_is_resource_exhausted(f"{self.url}/{key}"):
+            self._write_file(validate_key(key), path)
 
     def open_read(self, key: str) -> BinaryIO:
         return self._open(validate_key(key))
@@ -122,7 +167,7 @@ class ArtifactStore(abc.ABC):
         return path
 
     def list(self, prefix: str = "") -> list[str]:
-        return sorted(self._list(_prefix(prefix, allow_root=True)))
+        return sorted(k for k in self._list(_prefix(prefix, allow_root=True)) if not is_reserved(k))
 
     def exists(self, key: str) -> bool:
         return self._exists(validate_key(key))
@@ -133,6 +178,33 @@ class ArtifactStore(abc.ABC):
     def delete_prefix(self, prefix: str) -> None:
         # The root is refused on purpose: wiping a whole store should not be one typo away.
         self._delete_prefix(_prefix(prefix, allow_root=False))
+
+    # ---- one writer per prefix ----
+
+    @contextlib.contextmanager
+    def lease(self, prefix: str, purpose: str = "a writer",
+              advice: str = "wait for that writer to finish, or write elsewhere") -> Iterator[Lease]:
+        """Hold the write lease of ``prefix`` for the block: the one-writer rule across threads, processes
+        and hosts (see ``shared.storage.lease``). Raises LeaseConflict (FAILED_PRECONDITION) naming the
+        holder, then ``advice``, when another writer has it; a thread that holds it already re-enters it."""
+        prefix = _prefix(prefix, allow_root=False)
+        key = _join(prefix, LEASE_NAME)
+        where = f"{self.url.rstrip('/')}/{key}"
+        entry = held.leases.get(where)
+        if entry is not None:
+            entry[1] += 1
+            try:
+                yield entry[0]
+            finally:
+                entry[1] -= 1
+            return
+        lease = Lease(self, prefix, key, purpose, self.lease_ttl, advice).acquire()
+        held.leases[where] = [lease, 1]
+        try:
+            yield lease
+        finally:
+            del held.leases[where]
+            lease.release()
 
     # ---- publishing ----
 
@@ -146,7 +218,8 @@ class ArtifactStore(abc.ABC):
         """Upload ``files`` (relative path -> bytes or local path) under ``prefix``, then its manifest.
 
         Re-publishing an existing prefix needs ``overwrite=True``; the old manifest is removed
-        first so no reader pairs it with the new files.
+        first so no reader pairs it with the new files. The writer holds the prefix's lease throughout,
+        and a publish that fails (a full disk...) removes the files it wrote, so nothing half-written stays.
         """
         prefix = _prefix(prefix, allow_root=False)
         if not files:
@@ -156,27 +229,39 @@ class ArtifactStore(abc.ABC):
             if rel == MANIFEST_NAME:
                 raise InvalidArgument(f"publish {prefix!r}: {MANIFEST_NAME} is written by the store itself")
         manifest_key = _join(prefix, MANIFEST_NAME)
-        if self._exists(manifest_key):
-            if not overwrite:
-                raise AlreadyExists(f"{prefix!r} is already published; pass overwrite=True to replace it")
-            self._delete(manifest_key)
+        with self.lease(prefix, purpose=f"publish {prefix}") as lease:
+            if self._exists(manifest_key):
+                if not overwrite:
+                    raise AlreadyExists(f"{prefix!r} is already published in {self.url}")
+                self._delete(manifest_key)
 
-        entries: dict[str, FileEntry] = {}
-        for rel, content in files.items():
-            key = _join(prefix, rel)
-            if isinstance(content, (bytes, bytearray, memoryview)):
-                content = bytes(content)
-                entries[rel] = hash_bytes(content)
-                self._write_bytes(key, content)
-            else:
-                path = pathlib.Path(content)
-                if not path.is_file():
-                    raise NotFound(f"publish {prefix!r}: local file {path} does not exist")
-                with path.open("rb") as f:
-                    entries[rel] = hash_stream(f)
-                self._write_file(key, path)
-        manifest = Manifest(files=entries, meta=dict(meta or {}), created=now_iso())
-        self._write_bytes(manifest_key, manifest.to_json())
+            entries: dict[str, FileEntry] = {}
+            written: list[str] = []
+            try:
+                for rel, content in files.items():
+                    key = _join(prefix, rel)
+                    written.append(key)
+                    with _disk_full_is_resource_exhausted(f"{self.url}/{key}"):
+                        if isinstance(content, (bytes, bytearray, memoryview)):
+                            content = bytes(content)
+                            entries[rel] = hash_bytes(content)
+                            self._write_bytes(key, content)
+                        else:
+                            path = pathlib.Path(content)
+                            if not path.is_file():
+                                raise NotFound(f"publish {prefix!r}: local file {path} does not exist")
+                            with path.open("rb") as f:
+                                entries[rel] = hash_stream(f)
+                            self._write_file(key, path)
+                manifest = Manifest(files=entries, meta=dict(meta or {}), created=now_iso())
+                lease.ensure()
+                with _disk_full_is_resource_exhausted(f"{self.url}/{manifest_key}"):
+                    self._write_bytes(manifest_key, manifest.to_json())
+            except BaseException:
+                for key in written:  # best effort: give the space back, leave no torn prefix
+                    with contextlib.suppress(Exception):
+                        self._delete(key)
+                raise
         log.info(
             "published",
             extra={"store": self.url, "prefix": prefix, "files": len(entries), "bytes": manifest.total_size},
@@ -194,7 +279,8 @@ class ArtifactStore(abc.ABC):
         root = pathlib.Path(local_dir)
         if not root.is_dir():
             raise NotFound(f"local directory {root} does not exist")
-        files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+        files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
+                 if p.is_file() and not is_reserved(p.name)}
         if not files:
             raise InvalidArgument(f"local directory {root} has no files to publish")
         return self.publish(prefix, files, meta=meta, overwrite=overwrite)
@@ -222,9 +308,29 @@ class ArtifactStore(abc.ABC):
         manifest = self.read_manifest(prefix)
         entry = _entry(manifest, prefix, relpath)
         key = _join(prefix.rstrip("/"), relpath)
-        data = self.get_bytes(key)
+        try:
+            data = self.get_bytes(key)
+        except NotFound:
+            # The manifest promises the file: its absence is damage, not a missing dataset.
+            raise IntegrityError(f"{self.url}/{key} is listed in the manifest of {prefix!r} but missing") from None
         check_entry(entry, hash_bytes(data), f"{self.url}/{key}")
         return data
+
+    def verify(self, prefix: str) -> Manifest:
+        """Check every file of a published prefix against its manifest (streamed, nothing kept); raises
+        IntegrityError naming the first file that is missing or differs."""
+        manifest = self.read_manifest(prefix)
+        prefix = prefix.rstrip("/")
+        for rel, entry in sorted(manifest.files.items()):
+            validate_key(rel, "manifest file path")
+            key = _join(prefix, rel)
+            try:
+                with self._open(key) as f:
+                    actual = hash_stream(f)
+            except NotFound:
+                raise IntegrityError(f"{self.url}/{key} is listed in the manifest of {prefix!r} but missing") from None
+            check_entry(entry, actual, f"{self.url}/{key}")
+        return manifest
 
     def download_dir(self, prefix: str, local_dir: str | os.PathLike) -> pathlib.Path:
         """Download every file of a published prefix into ``local_dir``, verifying each one."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from shared.errors import FailedPrecondition, NotFound
@@ -91,3 +94,42 @@ class LocalStore(ArtifactStore):
         path = self._path(prefix)
         if path.is_dir():
             shutil.rmtree(path)
+
+    # ---- leases: compare-and-swap under an flock of the lease's directory ----
+
+    @contextlib.contextmanager
+    def _guard(self, key: str) -> Iterator[pathlib.Path]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a rename, released when fd closes
+            yield path
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read_versioned(path: pathlib.Path) -> tuple[bytes, str] | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def _lease_read(self, key: str) -> tuple[bytes, str] | None:
+        with self._guard(key) as path:
+            return self._read_versioned(path)
+
+    def _lease_write(self, key: str, data: bytes, version: str | None) -> str | None:
+        with self._guard(key) as path:
+            current = self._read_versioned(path)
+            if (current[1] if current else None) != version:
+                return None
+            self._write_bytes(key, data)
+            return hashlib.sha256(data).hexdigest()
+
+    def _lease_delete(self, key: str, version: str) -> None:
+        with self._guard(key) as path:
+            current = self._read_versioned(path)
+            if current is not None and current[1] == version:
+                path.unlink()

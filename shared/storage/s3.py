@@ -17,11 +17,14 @@ from minio.error import S3Error
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.settings import Settings, load_settings
 from shared.storage.base import ArtifactStore, validate_key
+from shared.storage.lease import DEFAULT_TTL
 
 # Objects above this size go up as a parallel multipart upload of parts this big.
 PART_SIZE = 16 * 1024 * 1024
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+# A conditional write or delete whose condition failed (or raced another conditional request).
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -78,6 +81,9 @@ class _Body(io.RawIOBase):
 
 
 class S3Store(ArtifactStore):
+    # A holder on another host cannot be checked: its lease lapses unless renewed (shared.storage.lease).
+    lease_ttl = DEFAULT_TTL
+
     def __init__(
         self, bucket: str, prefix: str = "", settings: Settings | None = None, client: Minio | None = None
     ):
@@ -188,3 +194,38 @@ class S3Store(ArtifactStore):
                 errors = list(self.client.remove_objects(bucket_name=self.bucket, delete_object_list=batch))
                 if errors:
                     raise Unavailable(f"deleting {prefix!r} in {self.url}: {errors[0]}")
+
+    # ---- leases: S3 conditional requests (If-None-Match / If-Match), which MinIO and SeaweedFS honour.
+    # The SDK's put_object turns unknown headers into user metadata, so these go through its request layer.
+
+    def _lease_read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            with self._errors(key):
+                resp = self.client.get_object(bucket_name=self.bucket, object_name=self._name(key))
+                try:
+                    return resp.read(), resp.headers.get("etag", "").strip('"')
+                finally:
+                    resp.close()
+                    resp.release_conn()
+        except NotFound:
+            return None
+
+    def _lease_write(self, key: str, data: bytes, version: str | None) -> str | None:
+        self._ensure_bucket()
+        headers = {"If-None-Match": "*"} if version is None else {"If-Match": f'"{version}"'}
+        with self._errors(key):
+            try:
+                result = self.client._put_object(self.bucket, self._name(key), data, headers=headers)
+            except S3Error as exc:
+                if exc.code in _CONDITION_FAILED or (version is not None and exc.code in _MISSING):
+                    return None
+                raise
+        return result.etag
+
+    def _lease_delete(self, key: str, version: str) -> None:
+        with self._errors(key):
+            try:
+                self.client._execute("DELETE", self.bucket, self._name(key), headers={"If-Match": f'"{version}"'})
+            except S3Error as exc:
+                if exc.code not in _CONDITION_FAILED and exc.code not in _MISSING:
+                    raise
