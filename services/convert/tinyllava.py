@@ -238,6 +238,7 @@ def convert_tinyllava(
     """Convert a cad_json folder (or store prefix) and its rendered views into a TinyLLaVA dataset."""
     t0 = time.perf_counter()
     cad_json, rendered, out = str(cad_json), str(rendered), str(out)
+    out_store, out_prefix = open_output(out)  # refused before any work when it may not be written
     sources = _list_cad_json(cad_json)
     images = _list_images(rendered)
     rendered_meta = _read_rendered_meta(rendered)
@@ -253,7 +254,6 @@ def convert_tinyllava(
         wanted = load_split_file(split_file)
         stats.split_source = f"file:{Path(split_file).name}"
         assign = {m: name for name, ids in wanted.items() for m in ids}
-    out_store, out_prefix = open_output(out)  # refused before any work when it may not be written
         in_split = [m for m in have_views if m in assign]
         if len(in_split) < len(have_views):
             skipped["not_in_split"] = len(have_views) - len(in_split)

@@ -35,8 +35,8 @@ from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Re
 from shared.logs import get_logger
 from shared.parallel import pool_context
 from shared.storage.base import ArtifactStore
-from shared.storage.local import LocalStore
 from shared.storage.lease import Lease
+from shared.storage.local import LocalStore
 from shared.storage.manifest import FileEntry, Manifest, hash_bytes, now_iso
 
 log = get_logger(__name__)
@@ -46,10 +46,10 @@ RUN_RECORD = f"{RECORDS_DIR}/run.json"
 METADATA_NAME = "metadata.json"
 
 ProgressFn = Callable[[int, int, dict], None]
-
 # What a render that finds its output taken is told to do (CLI flags; RenderRequest fields of the same name).
 RENDER_LEASE_ADVICE = ("wait for that render to finish, or render to another --out; if it was stopped, rerun "
                        "with --resume once its lease is free to continue from its complete shards")
+
 
 class ShardPlan:
     """``(index, start, stop)`` for every shard of a ``total``-item dataset, computed on demand, so a plan
@@ -260,8 +260,6 @@ def run_sharded(
     fails at once naming this one, instead of interleaving its files with these.
     """
     prefix = prefix.strip("/")
-    if workers < 1:
-        raise InvalidArgument(f"workers must be >= 1, got {workers}")
     with store.lease(prefix, purpose=f"render {job.kind}", advice=RENDER_LEASE_ADVICE) as lease:
         return _render_and_publish(job, store, prefix, lease, workers=workers, resume=resume, progress=progress,
                                    mp_context=mp_context, max_failed_items=max_failed_items)
@@ -270,6 +268,8 @@ def run_sharded(
 def _render_and_publish(job, store: ArtifactStore, prefix: str, lease: Lease, *, workers: int, resume: bool,
                         progress: ProgressFn | None, mp_context: multiprocessing.context.BaseContext | None,
                         max_failed_items: int | None) -> Manifest:
+    if workers < 1:
+        raise InvalidArgument(f"workers must be >= 1, got {workers}")
     spec = run_spec(job)
     plan = ShardPlan(job.total, job.shard_size)
     resuming = _check_existing(store, prefix, spec, resume)
@@ -315,10 +315,10 @@ def _render_and_publish(job, store: ArtifactStore, prefix: str, lease: Lease, *,
                     "with --resume to continue"
                 ) from exc
             records[record["index"]] = record
+            lease.ensure()  # stop writing as soon as another writer has taken the prefix over
             n_items = record["stop"] - record["start"]
             done_items += n_items
             written_items += n_items
-            lease.ensure()  # stop writing as soon as another writer has taken the prefix over
             written_bytes += sum(e["size"] for e in record["files"].values())
             if written_items == n_items and done_items < job.total:
                 # The first real shard is a far better size estimate than any guess made up front.
