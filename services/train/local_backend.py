@@ -118,7 +118,8 @@ class LocalBackend:
                 if state.get("state") == "queued" and not record.cancelled:
                     self._queue.append((record, run_dir))
                     log.info("queued run restored", extra={"run_id": record.run_id})
-                elif state.get("state") == "started" and isinstance(pid, int) \
+                # pid > 1: signalling process group 0 would hit this service's own group.
+                elif state.get("state") == "started" and isinstance(pid, int) and pid > 1 \
                         and isinstance(started, (int, float)):
                     worker = AdoptedWorker(pid, started)
                     if worker.alive():
