@@ -25,7 +25,7 @@ from shared.data import (
     stratified_subset,
     write_idx,
 )
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import IntegrityError, InvalidArgument, NotFound
 from shared.preprocess import Normalizer
 from shared.storage import open_store
 
@@ -103,6 +103,29 @@ def test_mnist_from_store_with_cache(tmp_path):
     train2, _ = read_mnist("datasets/mnist", store_url=store_url, cache_dir=cache)
     assert len(train2) == 20
     assert np.array_equal(train2.images[:, 0].numpy(), arrays2["train-images-idx3-ubyte"])
+
+
+def test_local_dataset_with_a_manifest_is_verified_like_a_store_dataset(tmp_path):
+    """A published folder read in place (data.path a local directory) is checked against its manifest: flipped
+    bytes under a stale manifest, or a file the manifest does not list, are IntegrityError naming the file."""
+    arrays = _mnist_files(tmp_path / "src")
+    open_store(tmp_path / "store").publish_dir("mnist", tmp_path / "src")
+    local = tmp_path / "store" / "mnist"
+    train, _ = read_mnist(local)
+    assert np.array_equal(train.labels.numpy(), arrays["train-labels-idx1-ubyte"])
+
+    images = local / "train-images-idx3-ubyte"
+    good = images.read_bytes()
+    images.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])  # still a valid IDX file
+    with pytest.raises(IntegrityError, match="train-images-idx3-ubyte: sha256"):
+        read_mnist(local)
+    images.write_bytes(good)
+    (local / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(good))  # a second copy nobody vouches for
+    with pytest.raises(IntegrityError, match="t10k-images-idx3-ubyte.gz is not listed"):
+        read_mnist(local)
+    (local / "t10k-images-idx3-ubyte.gz").unlink()
+    (local / "MANIFEST.json").unlink()  # a plain folder (a download) is read as it is
+    read_mnist(local)
 
 
 def _cifar_dir(root, per_batch=6, seed=0, protocol=2):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from shared.data.augment import AugmentConfig, BatchAugment
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import IntegrityError, InvalidArgument, NotFound
 from shared.logs import get_logger
 from shared.preprocess import Normalizer
 from shared.settings import load_settings
@@ -163,17 +163,38 @@ class InMemoryLoader:
             yield x, y
 
 
+def verify_local(path: Path) -> None:
+    """A local dataset folder that carries a manifest (a render's output, a published prefix on disk) is read
+    only as published, like a store dataset: every file it lists whole, nothing unlisted beside them (a reader
+    looking for a file by name must not pick up one the manifest does not vouch for). IntegrityError names
+    the first file that differs. A folder without a manifest (a plain download) is read as it is."""
+    from shared.storage import MANIFEST_NAME, LocalStore
+
+    path = path.resolve()
+    if not (path / MANIFEST_NAME).is_file():
+        return
+    store = LocalStore(path.parent)
+    manifest = store.verify(path.name)
+    for key in store.list(path.name):
+        rel = key[len(path.name) + 1:]
+        if rel != MANIFEST_NAME and rel not in manifest.files and not any(p.startswith(".") for p in rel.split("/")):
+            raise IntegrityError(f"{path / rel} is not listed in {path / MANIFEST_NAME}: the folder was changed "
+                                 "after it was published")
+
+
 def resolve_source(root: str | Path, store_url: str | None = None, cache_dir: str | Path | None = None) -> Path:
     """A local directory holding the dataset files.
 
     Without ``store_url``, ``root`` is that directory. With it, ``root`` is a key prefix in the store and
     the files are downloaded (verified against the manifest) into a cache dir, reused while the
-    store's manifest is unchanged. Default cache: ``$TRAINYARD_HOME/cache/datasets``.
+    store's manifest is unchanged. Default cache: ``$TRAINYARD_HOME/cache/datasets``. A local directory
+    with a manifest is verified against it in place (``verify_local``).
     """
     if store_url is None:
         path = Path(root).expanduser()
         if not path.exists():
             raise NotFound(f"dataset path {path} does not exist")
+        verify_local(path)
         return path
     from shared.storage import open_store
 
