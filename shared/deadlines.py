@@ -2,15 +2,15 @@
 
 Work that loops over items (models, shards) calls ``check()`` where stopping is safe. Limits nest in a
 context variable, so every thread sees its own: ``StreamedJob`` runs its work inside
-``client_deadline(seconds)`` and a per-item loop wraps each item in ``budget(seconds, what)``.
+``client_deadline_at(instant)`` and a per-item loop wraps each item in ``budget(seconds, what)``.
 ``check()`` raises the outermost limit that has passed: ``DeadlineExceeded`` (nobody is waiting for
 the result any more, so the whole job stops) before ``BudgetExceeded`` (this item took too long: it is
 recorded as failed and the loop goes on). Python cannot interrupt a running step, so a step overruns
 a limit by at most its own length.
 
 Process pools carry the client's deadline into their workers: pass ``current_deadline()`` to the
-pool's initializer and enter ``client_deadline_at(at)`` there. ``time.monotonic`` is system-wide, so
-an instant means the same in every process of the machine.
+pool's initializer and call ``carry(at)`` there. ``time.monotonic`` is system-wide, so an instant
+means the same in every process of the machine.
 """
 from __future__ import annotations
 
@@ -69,17 +69,19 @@ def _entered(limit: _Limit) -> Iterator[None]:
         _limits.reset(token)
 
 
+def _deadline_passed() -> TrainyardError:
+    return DeadlineExceeded("the client's deadline passed, so the work was stopped")
+
+
 def client_deadline_at(at: float | None) -> AbstractContextManager[None]:
     """Work inside stops with DeadlineExceeded at the ``time.monotonic`` instant ``at`` (None: never)."""
-    def error() -> TrainyardError:
-        return DeadlineExceeded("the client's deadline passed, so the work was stopped")
-
-    return nullcontext() if at is None else _entered(_Limit(at, error, client=True))
+    return nullcontext() if at is None else _entered(_Limit(at, _deadline_passed, client=True))
 
 
-def client_deadline(seconds: float | None) -> AbstractContextManager[None]:
-    """``client_deadline_at`` ``seconds`` from now, as gRPC's ``context.time_remaining()`` gives them."""
-    return client_deadline_at(None if seconds is None else time.monotonic() + seconds)
+def carry(at: float | None) -> None:
+    """The client's deadline ``at`` for the rest of this thread: a pool worker's initializer calls it."""
+    if at is not None:
+        _limits.set((*_limits.get(), _Limit(at, _deadline_passed, client=True)))
 
 
 def budget(seconds: float, what: str) -> AbstractContextManager[None]:

@@ -14,9 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from shared import deadlines
 from shared.errors import FailedPrecondition
+from shared.logs import get_logger
 from shared.pb import common_pb2
 from shared.storage import split_location
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,18 +52,23 @@ class StreamedJob:
 
     An exception in ``work`` is re-raised by the iterator, so the RPC's error mapping sees it. A caller
     that goes away (``is_active`` turns false) stops the stream, not the work: renders and conversions are
-    resumable, and half-stopping one would leave less than its shards already give. ``output`` names the
+    resumable, and half-stopping one would leave less than its shards already give. A caller's deadline
+    (``deadline_s``, as gRPC's ``context.time_remaining()`` gives it) does stop the work, since no one can
+    receive the result after it: at the work's next progress report or ``shared.deadlines.check()``, with
+    DeadlineExceeded (what it finished, such as a render's complete shards, stays). ``output`` names the
     location the work writes: while it runs, a second job for the same output raises FailedPrecondition
     here, before anything starts.
     """
 
     def __init__(self, work: Callable[[Report], Any], *, stage: str, output: str | None = None,
-                 is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.5):
+                 is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.5,
+                 deadline_s: float | None = None):
         self.job_id = uuid.uuid4().hex[:12]
         self.stage = stage
         self._is_active = is_active
         self._poll_s = poll_s
         self._started = time.monotonic()
+        self._deadline_at = None if deadline_s is None else self._started + deadline_s
         self._events: queue.Queue = queue.Queue()
         self._outcome: dict[str, Any] = {}
         # split_location spells one location one way: file:// or not, trailing slash or not, relative or not.
@@ -75,7 +84,11 @@ class StreamedJob:
 
     def _run(self, work: Callable[[Report], Any]) -> None:
         try:
-            self._outcome["result"] = work(self._events.put)
+            with deadlines.client_deadline_at(self._deadline_at):
+                self._outcome["result"] = work(self._report)
+        except deadlines.DeadlineExceeded as exc:
+            log.warning("job stopped: its client's deadline passed", extra={"job_id": self.job_id, "stage": self.stage})
+            self._outcome["error"] = exc
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
             self._outcome["error"] = exc
         finally:
@@ -83,6 +96,10 @@ class StreamedJob:
                 with _writing_lock:
                     _writing.pop(self._key, None)
         self._events.put(_DONE)
+
+    def _report(self, event: JobProgress) -> None:
+        deadlines.check()  # work that reports progress stops there once its client's deadline has passed
+        self._events.put(event)
 
     def __iter__(self) -> Iterator[JobProgress | JobDone]:
         while True:

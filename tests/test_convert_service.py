@@ -4,6 +4,8 @@ one, and the two index RPCs publish indexes that match the rendered datasets."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from shared.grpc_client import channel, health_status
 from shared.grpc_server import start
 from shared.pb import convert_pb2, convert_pb2_grpc
 from shared.storage import open_location
+from tests.harness.gates import stop_at_gate
 
 MODELS = 8
 CAD_SIZE = 64
@@ -183,3 +186,62 @@ def test_index_errors(server, data, tmp_path):
         stub.IndexImageFolder(convert_pb2.IndexRequest(path=data["logos"], out=data["traj"]))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert health_status(address) == "SERVING"
+
+
+def _cad_inputs(data, tmp_path: Path, extra: tuple[str, ...]) -> tuple[Path, Path, list[Path]]:
+    """(models folder, rendered dataset, sources): three of the rendered models as ``m_<id>``, and for
+    each name in ``extra`` its three views, so a model written there under that name is converted."""
+    models, images = tmp_path / "models", tmp_path / "rendered" / "images"
+    models.mkdir()
+    images.mkdir(parents=True)
+    sources = sorted(Path(data["models"], "json").glob("*.json"))[:3]
+    for src in sources:
+        shutil.copy(src, models / f"m_{src.name}")
+        for view in ("front", "top", "right"):
+            shutil.copy(Path(data["cad"], "images", f"{src.stem}_{view}.png"), images / f"m_{src.stem}_{view}.png")
+            for name in extra:
+                shutil.copy(images / f"m_{src.stem}_{view}.png", images / f"{name}_{view}.png")
+    return models, images.parent, sources
+
+
+def _many_lines(source: Path, n: int) -> str:
+    """``source``'s model with its first loop made a regular polygon of ``n`` lines (~0.3 s to describe
+    at n=50,000, against half a millisecond for a usual model)."""
+    model = json.loads(source.read_text())
+    sketch = next(e for e in model["entities"].values() if e["type"] == "Sketch")
+    pts = [{"x": math.cos(2 * math.pi * i / n), "y": math.sin(2 * math.pi * i / n), "z": 0.0} for i in range(n)]
+    next(iter(sketch["profiles"].values()))["loops"][0]["profile_curves"] = [
+        {"type": "Line3D", "start_point": pts[i], "end_point": pts[(i + 1) % n]} for i in range(n)]
+    return json.dumps(model)
+
+
+def test_a_model_over_its_time_budget_is_reported_while_the_others_convert(stub, data, tmp_path, monkeypatch):
+    from shared.cad.budget import BUDGET_ENV
+
+    models, rendered, sources = _cad_inputs(data, tmp_path, ("zz_big",))
+    (models / "zz_big.json").write_text(_many_lines(sources[0], 50_000))
+    monkeypatch.setenv(BUDGET_ENV, "0.05")  # the service reads its budget from the environment
+    request = convert_pb2.TinyLlavaRequest(cad_json=str(models), images=str(rendered), out=str(tmp_path / "o"))
+    last = list(stub.ToTinyLlava(request, timeout=60))[-1]
+    assert (last.state, last.done, last.failed) == ("succeeded", 9, 1)
+    assert [(f.item, f.reason) for f in last.failures] == [
+        ("zz_big", "BudgetExceeded: model zz_big took longer than its time budget of 0.05 s")]
+
+
+def test_a_conversion_stops_when_its_clients_deadline_passes(stub, data, tmp_path, caplog):
+    # First in order, a gate: a FIFO the server's read waits on.
+    models, rendered, sources = _cad_inputs(data, tmp_path, ("a_gate",))
+    os.mkfifo(models / "a_gate.json")
+    out = tmp_path / "llava"
+    request = convert_pb2.TinyLlavaRequest(cad_json=str(models), images=str(rendered), out=str(out))
+    # The client gives up while the server waits on the gate; let it read the model only then: it must stop.
+    record = stop_at_gate(stub.ToTinyLlava(request, timeout=1.5), models / "a_gate.json", sources[0].read_bytes(),
+                          caplog)
+    assert record.stage == "convert"
+    assert not out.exists()
+
+    # The output is free again: the same request, with the gate a plain file, converts all four.
+    (models / "a_gate.json").unlink()
+    shutil.copy(sources[0], models / "a_gate.json")
+    last = list(stub.ToTinyLlava(request, timeout=60))[-1]
+    assert (last.state, last.done, last.failed) == ("succeeded", 12, 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
+import time
 
 import pytest
 from PIL import Image
@@ -12,6 +14,7 @@ from services.convert.describe import describe_cad
 from services.convert.tinyllava import TEMPLATES, VIEWS, convert_tinyllava
 from services.convert.validate import validate_tinyllava
 from services.render.cad import generate_cad_json, render_directory
+from shared import deadlines
 
 N_MODELS = 6
 
@@ -257,3 +260,24 @@ def test_store_urls_and_process_pools(dataset, tmp_path, monkeypatch):
     report = validate_tinyllava(f"file://{tmp_path / 'viaurl'}", workers=2)
     assert report.ok, str(report)
     assert report.counts["images"] == 18
+
+
+def test_pool_workers_stop_at_the_clients_deadline(dataset, tmp_path, monkeypatch):
+    import services.convert.tinyllava as tl
+    from shared.parallel import pool_context
+
+    root, _ = dataset
+    monkeypatch.setattr(tl, "MIN_POOL_ITEMS", 1)
+    # As in a service, another thread runs, so the pool starts its workers by forkserver: they do not
+    # inherit this thread's context, and only the deadline the initializer carries can stop them.
+    running = threading.Event()
+    other = threading.Thread(target=running.wait)
+    other.start()
+    try:
+        assert pool_context().get_start_method() == "forkserver"
+        with deadlines.client_deadline_at(time.monotonic()), pytest.raises(deadlines.DeadlineExceeded):
+            convert_tinyllava(root / "cad_json", root / "rendered", tmp_path / "o", workers=2)
+    finally:
+        running.set()
+        other.join()
+    assert not (tmp_path / "o").exists()

@@ -348,3 +348,42 @@ def test_a_loop_of_ten_thousand_curves_chains_in_well_under_a_second():
     steps = np.linalg.norm(np.diff(np.vstack([poly, poly[:1]]), axis=0), axis=1)
     assert steps == pytest.approx(2 * 0.3 * math.sin(math.pi / n), rel=1e-6)
     assert len({(round(x, 9), round(y, 9)) for x, y in poly}) == n
+
+
+def _many_bosses(n: int) -> dict:
+    """A plate with ``n`` round bosses joined one by one: each union grows the mesh the next one meets,
+    so the model takes ~10 s of CPU at n=400 although its JSON is small."""
+    feats = [{"loops": [rect(-1, -1, 1, 1)], "d1": 0.05}]
+    for i in range(n):
+        x, y = -0.95 + 1.9 * ((i * 0.6180339) % 1), -0.95 + 1.9 * ((i * 0.7548776) % 1)
+        feats.append({"loops": [[circle((x, y), 0.03)]], "origin": (0, 0, 0.05), "op": "join",
+                      "d1": 0.02 + 0.001 * (i % 17)})
+    return model(*feats)
+
+
+def test_a_model_over_its_time_budget_fails_with_the_reason_while_the_others_render(tmp_path):
+    (tmp_path / "a_good.json").write_text(json.dumps(generate_cad_json(3)))
+    (tmp_path / "b_slow.json").write_text(json.dumps(_many_bosses(400)))
+    (tmp_path / "c_good.json").write_text(json.dumps(generate_cad_json(4)))
+    job = CadRenderJob.from_input(tmp_path, size=64, budget_s=1.0)
+    t0 = time.perf_counter()
+    files = job.render_shard(0, 0, 3)
+    assert time.perf_counter() - t0 < 6  # the slow model alone would take ~10 s
+    assert sorted(k for k in files if k.startswith("images/")) == [
+        f"images/{m}_{v}.png" for m in ("a_good", "c_good") for v in ("front", "right", "top")]
+    failures = json.loads(files["failures/00000.json"])
+    assert [(f["model_id"], f["reason"]) for f in failures] == [
+        ("b_slow", "model b_slow took longer than its time budget of 1 s")]
+
+
+def test_the_model_budget_comes_from_the_environment(tmp_path, monkeypatch):
+    from shared.cad.budget import BUDGET_ENV, DEFAULT_BUDGET_S, model_budget_s
+    from shared.errors import InvalidArgument
+
+    (tmp_path / "m.json").write_text(json.dumps(generate_cad_json(3)))
+    assert CadRenderJob.from_input(tmp_path).budget_s == DEFAULT_BUDGET_S
+    monkeypatch.setenv(BUDGET_ENV, "2.5")
+    assert CadRenderJob.from_input(tmp_path).budget_s == 2.5
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(InvalidArgument, match=BUDGET_ENV):
+            model_budget_s({BUDGET_ENV: bad})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -14,11 +15,13 @@ import grpc
 import pytest
 from PIL import Image
 
+from services.render.cad import generate_cad_json
 from services.render.server import RenderServiceServicer
 from shared.grpc_client import channel, health_status
 from shared.grpc_server import start
 from shared.pb import render_pb2, render_pb2_grpc
 from shared.storage import open_location
+from tests.harness.gates import stop_at_gate
 
 # Small sets: the service layer is under test, the generators have their own unit tests.
 SYNTH_COUNT = 8
@@ -326,3 +329,29 @@ def test_describe_of_a_hand_edited_manifest_is_data_loss(stub, rendered, tmp_pat
         stub.DescribeDataset(render_pb2.DescribeDatasetRequest(location=str(copy)))
     assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value.details()
     assert "metadata is malformed" in err.value.details()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_render_stops_when_its_clients_deadline_passes(stub, tmp_path, caplog, workers):
+    models = tmp_path / "models"
+    models.mkdir()
+    os.mkfifo(models / "a_gate.json")  # the first model: the server waits on it
+    for i in range(3):
+        (models / f"m{i}.json").write_text(json.dumps(generate_cad_json(i)))
+    out = tmp_path / "out"
+    request = render_pb2.RenderRequest(out=str(out), workers=workers,
+                                       cad=render_pb2.CadRender(input=str(models), image_size=64))
+    # The client gives up while the server waits on the gate; let it read the model only then: it must stop.
+    record = stop_at_gate(stub.Render(request, timeout=1.5), models / "a_gate.json",
+                          json.dumps(generate_cad_json(9)).encode(), caplog)
+    assert record.stage == "render"
+    assert not list(out.rglob("*.png")) and not (out / "MANIFEST.json").exists()
+
+    # What it did is kept for a resume, which (with the gate now a plain file) renders everything.
+    (models / "a_gate.json").unlink()
+    (models / "a_gate.json").write_text(json.dumps(generate_cad_json(9)))
+    resume = render_pb2.RenderRequest(out=str(out), workers=workers, resume=True,
+                                      cad=render_pb2.CadRender(input=str(models), image_size=64))
+    last = list(stub.Render(resume, timeout=60))[-1]
+    assert (last.state, last.done, last.failed) == ("succeeded", 4, 0)
+    assert len(list((out / "images").glob("*.png"))) == 12

@@ -12,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 
+from shared import deadlines
 from shared.cad.deepcad import Arc, CadModel, Circle, Extrude, Line, Loop, Sketch, parse_cad
 
 POLYGON_NAMES = {5: "pentagon", 6: "hexagon", 7: "heptagon", 8: "octagon", 9: "nonagon", 10: "decagon"}
@@ -170,6 +171,7 @@ def describe_model(model: CadModel) -> str:
         size = model.bbox[1] - model.bbox[0]
         sentences.append(f"Its overall size is {fmt(size[0])} × {fmt(size[1])} × {fmt(size[2])} (X × Y × Z).")
     for i, f in enumerate(model.extrudes, 1):
+        deadlines.check()
         by_sketch: dict[str, list[str]] = {}
         for sid, pid in f.profiles:
             by_sketch.setdefault(sid, []).append(profile_phrase(model.sketches[sid], pid))

@@ -10,7 +10,7 @@ from services.convert.tinyllava import convert_tinyllava
 from services.convert.validate import validate_tinyllava
 from shared.errors import InvalidArgument
 from shared.grpc_server import serve, service_arg_parser
-from shared.pb import convert_pb2, convert_pb2_grpc
+from shared.pb import common_pb2, convert_pb2, convert_pb2_grpc
 from shared.streaming import JobDone, StreamedJob
 
 
@@ -21,13 +21,15 @@ class ConvertServiceServicer(convert_pb2_grpc.ConvertServiceServicer):
         job = StreamedJob(lambda _report: convert_tinyllava(  # one call: its progress is its start and end
             request.cad_json, request.images, request.out, split_file=request.split_file or None,
             seed=request.seed, val_fraction=request.val_fraction or 0.1),
-            stage="convert", output=request.out, is_active=context.is_active)
+            stage="convert", output=request.out, is_active=context.is_active, deadline_s=context.time_remaining())
         yield job.progress()
         for event in job:
             if isinstance(event, JobDone):
                 stats = event.result
                 yield job.progress("succeeded", "publish", done=stats.records, total=stats.records,
                                    failed=sum(stats.skipped.values()), outputs={"dataset": stats.out},
+                                   failures=[common_pb2.ItemFailure(item=f["model_id"], reason=f["reason"])
+                                             for f in stats.failures],
                                    message=json.dumps(stats.as_dict()))
 
     def Validate(self, request, context):

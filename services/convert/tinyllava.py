@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import deadlines
+from shared.cad.budget import model_budget, model_budget_s
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
 from shared.parallel import pool_context
@@ -62,6 +64,7 @@ class ConvertStats:
     val_records: int = 0
     test_records: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> model count
+    failures: list[dict[str, str]] = field(default_factory=list)  # {"model_id", "reason"} per model not described
     split_source: str = "seeded"
     seconds: float = 0.0
     out: str = ""
@@ -134,12 +137,14 @@ def _read_rendered_meta(rendered: str) -> dict:
 MIN_POOL_ITEMS = 200
 
 _worker_source: str | None = None
+_worker_budget_s = 0.0
 _worker_store: dict[str, Any] = {}
 
 
-def _init_describe(source: str) -> None:
-    global _worker_source
-    _worker_source = source
+def _init_describe(source: str, budget_s: float, deadline: float | None = None) -> None:
+    global _worker_source, _worker_budget_s
+    _worker_source, _worker_budget_s = source, budget_s
+    deadlines.carry(deadline)  # a pool worker stops with the job when the client's deadline passes
     # Each worker opens its own store client (they do not survive a fork).
     _worker_store.clear()
 
@@ -149,25 +154,30 @@ def _describe_one(item: tuple[str, str]) -> tuple[str, str | None, str | None]:
     mid, key = item
     source = _worker_source
     try:
-        if source is not None and is_url(source):
-            if "store" not in _worker_store:
-                from shared.storage import open_store
+        with model_budget(mid, _worker_budget_s):
+            if source is not None and is_url(source):
+                if "store" not in _worker_store:
+                    from shared.storage import open_store
 
-                _worker_store["store"] = open_store(source)
-            data = json.loads(_worker_store["store"].get_bytes(key))
-        else:
-            with open(key, "rb") as f:
-                data = json.loads(f.read())
-        return mid, describe_cad(data), None
+                    _worker_store["store"] = open_store(source)
+                data = json.loads(_worker_store["store"].get_bytes(key))
+            else:
+                with open(key, "rb") as f:
+                    data = json.loads(f.read())
+            return mid, describe_cad(data), None
+    except deadlines.DeadlineExceeded:
+        raise  # the client gave up: the whole conversion stops, not just this model
     except Exception as exc:  # noqa: BLE001 - a bad model is skipped and counted, never fatal
         return mid, None, f"{type(exc).__name__}: {exc}"
 
 
-def _describe_all(items: list[tuple[str, str]], source: str, workers: int) -> list[tuple[str, str | None, str | None]]:
+def _describe_all(items: list[tuple[str, str]], source: str, workers: int,
+                  budget_s: float) -> list[tuple[str, str | None, str | None]]:
     if workers <= 1 or len(items) < MIN_POOL_ITEMS:
-        _init_describe(source)
+        _init_describe(source, budget_s)
         return [_describe_one(it) for it in items]
-    with pool_context().Pool(workers, initializer=_init_describe, initargs=(source,)) as pool:
+    initargs = (source, budget_s, deadlines.current_deadline())
+    with pool_context().Pool(workers, initializer=_init_describe, initargs=initargs) as pool:
         return pool.map(_describe_one, items, chunksize=max(16, len(items) // (workers * 8)))
 
 
@@ -234,8 +244,13 @@ def convert_tinyllava(
     seed: int = 0,
     val_fraction: float = 0.1,
     workers: int | None = None,
+    budget_s: float | None = None,
 ) -> ConvertStats:
-    """Convert a cad_json folder (or store prefix) and its rendered views into a TinyLLaVA dataset."""
+    """Convert a cad_json folder (or store prefix) and its rendered views into a TinyLLaVA dataset.
+
+    Describing one model may take ``budget_s`` seconds (default: shared.cad.budget's); a model that takes
+    longer is skipped like a malformed one, and both are listed with their reason in ``failures``.
+    """
     t0 = time.perf_counter()
     cad_json, rendered, out = str(cad_json), str(rendered), str(out)
     out_store, out_prefix = open_output(out)  # refused before any work when it may not be written
@@ -262,11 +277,13 @@ def convert_tinyllava(
         candidates = have_views
 
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    described = _describe_all([(m, sources[m]) for m in candidates], cad_json, workers)
+    budget_s = model_budget_s() if budget_s is None else budget_s
+    described = _describe_all([(m, sources[m]) for m in candidates], cad_json, workers, budget_s)
     descriptions = {}
     for mid, text, err in described:
         if text is None:
             skipped["describe_failed"] = skipped.get("describe_failed", 0) + 1
+            stats.failures.append({"model_id": mid, "reason": err})
             log.warning("model skipped", extra={"model_id": mid, "reason": err})
         else:
             descriptions[mid] = text

@@ -46,7 +46,8 @@ class RenderServiceServicer(render_pb2_grpc.RenderServiceServicer):
     def Render(self, request, context):
         spec = spec_from_request(request, self.default_workers)
         job = StreamedJob(lambda report: render(spec, lambda done, total, _info: report(JobProgress(done, total))),
-                          stage="render", output=spec.out, is_active=context.is_active)
+                          stage="render", output=spec.out, is_active=context.is_active,
+                          deadline_s=context.time_remaining())
         yield job.progress()
         for event in job:
             if isinstance(event, JobProgress):

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from shared import deadlines
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from shared.logs import get_logger
 from shared.parallel import pool_context
@@ -142,9 +143,10 @@ def preflight(job, store: ArtifactStore, prefix: str, fraction_left: float = 1.0
 _worker_job = None
 
 
-def _init_worker(job) -> None:
+def _init_worker(job, deadline: float | None) -> None:
     global _worker_job
     _worker_job = job
+    deadlines.carry(deadline)  # the job's client deadline holds in its workers too
 
 
 def _render(job, task: tuple[int, int, int]) -> dict[str, Any]:
@@ -299,7 +301,8 @@ def _render_and_publish(job, store: ArtifactStore, prefix: str, lease: Lease, *,
     pool = None
     if pending_shards and workers > 1:
         ctx = mp_context or pool_context()
-        pool = ctx.Pool(min(workers, pending_shards), initializer=_init_worker, initargs=(job,))
+        pool = ctx.Pool(min(workers, pending_shards), initializer=_init_worker,
+                        initargs=(job, deadlines.current_deadline()))
         results = pool.imap_unordered(_render_in_worker, pending)
     else:
         results = (_render(job, task) for task in pending)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared import deadlines
 from shared.errors import InvalidArgument, NotFound
 from shared.storage import is_url, open_store
 
@@ -200,6 +201,7 @@ def _parse_arc(c: dict, what: str) -> Arc:
 
 
 def _parse_curve(c: dict, what: str) -> Curve:
+    deadlines.check()  # a loop can have 10k curves
     if not isinstance(c, dict):
         raise CadFormatError(f"{what}: expected an object")
     kind = c.get("type")
@@ -291,6 +293,7 @@ def parse_cad(data: dict) -> CadModel:
     sketches: dict[str, Sketch] = {}
     extrudes: list[Extrude] = []
     for step in sorted(sequence, key=lambda s: s.get("index", 0)):
+        deadlines.check()
         eid = step.get("entity")
         ent = entities.get(eid)
         if not isinstance(ent, dict):

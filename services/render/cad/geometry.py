@@ -175,6 +175,7 @@ def rebuild(model: CadModel) -> Manifold:
     """The model's final solid; raises CadFormatError when it cannot be built or ends up empty."""
     body: Manifold | None = None
     for feature in model.extrudes:
+        deadlines.check()
         body = combine(body, extrude_tool(model, feature), feature.operation)
     if body is None or body.is_empty() or body.volume() <= 0:
         raise CadFormatError("the rebuilt solid is empty")

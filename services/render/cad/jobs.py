@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import deadlines
+from shared.cad.budget import model_budget, model_budget_s
 from shared.cad.deepcad import CadFormatError, list_cad_json, load_cad_json, parse_cad
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, TrainyardError
 from shared.logs import get_logger
 
 from .geometry import mesh_arrays, rebuild
@@ -35,7 +37,7 @@ def render_cad(data: dict, *, size: int = 512, compress_level: int = 1) -> dict[
 
 def failure_reason(exc: BaseException) -> str:
     """A one-line reason: our own errors carry a readable message, anything else gets its type."""
-    if isinstance(exc, CadFormatError):
+    if isinstance(exc, TrainyardError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -49,7 +51,8 @@ class CadRenderJob:
     """Render each input cad_json file to ``images/<model_id>_{front,top,right}.png``.
 
     ``inputs`` are JSON file paths (or keys in the store at ``source`` when given); the model id is
-    the file name without ``.json``, as DeepCAD names its models.
+    the file name without ``.json``, as DeepCAD names its models. Each model gets ``budget_s`` seconds
+    (shared.cad.budget); one that takes longer is recorded as failed.
     """
 
     inputs: list[str]
@@ -58,6 +61,7 @@ class CadRenderJob:
     seed: int = 0  # rendering uses no randomness; kept for the job contract
     shard_size: int = 64
     size: int = 512
+    budget_s: float = field(default_factory=model_budget_s)
     kind: str = "cad"
     generator_version: str = GENERATOR_VERSION
     _store: Any = field(default=None, init=False, repr=False, compare=False)
@@ -110,7 +114,10 @@ class CadRenderJob:
         """(files, None) on success, ({}, failure record) when the model cannot be rendered."""
         mid = self.model_id(index)
         try:
-            pngs = render_cad(self._load(index), size=self.size)
+            with model_budget(mid, self.budget_s):
+                pngs = render_cad(self._load(index), size=self.size)
+        except deadlines.DeadlineExceeded:
+            raise  # the client gave up: the whole job stops, not just this model
         except Exception as exc:  # noqa: BLE001 - any bad model is reported, never fatal
             reason = failure_reason(exc)
             log.warning("cad model failed", extra={"model_id": mid, "reason": reason})

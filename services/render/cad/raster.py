@@ -21,6 +21,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from shared import deadlines
+
 # name -> (image right, image up, view direction) in world coordinates.
 VIEWS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]]] = {
     "front": ((1, 0, 0), (0, 0, 1), (0, 1, 0)),
@@ -171,7 +173,11 @@ def render_view(verts: np.ndarray, tris: np.ndarray, view: str, *, size: int = 5
 def render_views(verts: np.ndarray, tris: np.ndarray, *, size: int = 512, margin: float = 0.06,
                  views: tuple[str, ...] = VIEW_NAMES) -> dict[str, np.ndarray]:
     center, scale = frame_scale(verts, size, margin)
-    return {v: render_view(verts, tris, v, size=size, center=center, scale=scale) for v in views}
+    out = {}
+    for v in views:
+        deadlines.check()
+        out[v] = render_view(verts, tris, v, size=size, center=center, scale=scale)
+    return out
 
 
 def encode_png(img: np.ndarray, compress_level: int = 1) -> bytes:
