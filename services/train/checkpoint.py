@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, ResourceExhausted
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -173,9 +173,16 @@ def save_checkpoint(store, run_id: str, epoch: int, model: torch.nn.Module,
     files = build_files(model, optimizer, {**state, "epoch": epoch}, extra=extra)
     prefix = epoch_prefix(run_id, epoch)
     meta = {"run_id": run_id, "epoch": epoch, "kind": "epoch"}
-    store.publish(prefix, files, meta=meta)
-    if best:
-        publish_best(store, run_id, files, epoch)
+    try:
+        store.publish(prefix, files, meta=meta)
+        if best:
+            publish_best(store, run_id, files, epoch)
+    except ResourceExhausted as exc:  # a full disk: the publish removed what it wrote, older checkpoints stand
+        last = latest_checkpoint(store, run_id)
+        kept = f"{last.rsplit('/', 1)[-1]} is kept" if last else "there is no earlier checkpoint"
+        raise ResourceExhausted(
+            f"epoch {epoch}'s checkpoint of run {run_id!r} was not written ({exc}); {kept}: free space, then "
+            f"resume the run (trainyard train --config <its config> --run-id {run_id})") from exc
     prune_checkpoints(store, run_id, keep=keep)
     return prefix
 

@@ -198,7 +198,8 @@ class ArtifactStore(abc.ABC):
             finally:
                 entry[1] -= 1
             return
-        lease = Lease(self, prefix, key, purpose, self.lease_ttl, advice).acquire()
+        with _disk_full_is_resource_exhausted(where):
+            lease = Lease(self, prefix, key, purpose, self.lease_ttl, advice).acquire()
         held.leases[where] = [lease, 1]
         try:
             yield lease

@@ -16,6 +16,21 @@ from shared.errors import FailedPrecondition, NotFound
 from shared.storage.base import TEMP_PREFIX, ArtifactStore
 
 
+def _write_all(f, data) -> None:
+    """Write all of ``data`` to the unbuffered file ``f``: a short write (the disk filling up) is followed
+    by another, which then fails with ENOSPC rather than leaving a short file."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+def _discard(f, tmp: str) -> None:
+    """Drop a staged write that failed (unbuffered, so closing it writes nothing more)."""
+    with contextlib.suppress(OSError):
+        f.close()
+    pathlib.Path(tmp).unlink(missing_ok=True)
+
+
 class LocalStore(ArtifactStore):
     def __init__(self, root: str | os.PathLike):
         self.root = pathlib.Path(root).expanduser().resolve()
@@ -39,30 +54,30 @@ class LocalStore(ArtifactStore):
 
     def _commit(self, fd_file, tmp: str, dest: pathlib.Path) -> None:
         # fsync before the rename so a crash cannot leave a renamed-but-empty file behind.
-        fd_file.flush()
         os.fsync(fd_file.fileno())
         fd_file.close()
         os.replace(tmp, dest)
 
     def _write_bytes(self, key: str, data: bytes) -> None:
         dest, fd, tmp = self._stage(key)
+        f = os.fdopen(fd, "wb", buffering=0)
         try:
-            f = os.fdopen(fd, "wb")
-            f.write(data)
+            _write_all(f, data)
             self._commit(f, tmp, dest)
         except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
+            _discard(f, tmp)
             raise
 
     def _write_file(self, key: str, path: pathlib.Path) -> None:
         dest, fd, tmp = self._stage(key)
+        f = os.fdopen(fd, "wb", buffering=0)
         try:
-            f = os.fdopen(fd, "wb")
             with path.open("rb") as src:
-                shutil.copyfileobj(src, f, 1 << 20)
+                while chunk := src.read(1 << 20):
+                    _write_all(f, chunk)
             self._commit(f, tmp, dest)
         except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
+            _discard(f, tmp)
             raise
 
     def _open(self, key: str) -> BinaryIO:
