@@ -6,11 +6,11 @@ import sys
 
 import grpc
 
-from cli import bench, datasets, local_stack, models, predict, runs, studies
+from cli import bench, datasets, jobs, local_stack, models, predict, runs, studies
 from shared import logs
 from shared.errors import TrainyardError
 
-COMMAND_GROUPS = (local_stack, runs, studies, models, datasets, bench, predict)
+COMMAND_GROUPS = (local_stack, runs, studies, models, datasets, jobs, bench, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:

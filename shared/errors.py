@@ -6,7 +6,17 @@ servicer never has to know about status codes.
 """
 from __future__ import annotations
 
+import re
+
 import grpc
+
+# Object reprs and addresses ("<Foo object at 0x7f...>") say nothing to a client and leak process layout.
+_ADDRESS = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+
+
+def client_message(text: str) -> str:
+    """An error message as a client may see it: no object reprs, no memory addresses."""
+    return _ADDRESS.sub("<object>", text)
 
 
 class TrainyardError(Exception):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import logs
-from shared.errors import TrainyardError
+from shared.errors import TrainyardError, client_message
 from shared.metrics import ServerMetrics, start_metrics_server
 from shared.settings import load_settings
 
@@ -50,15 +49,6 @@ SERVICE_PORTS: dict[str, tuple[int, int]] = {
 _NEVER_REFUSED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Threads beyond the admission limit, so refusing a call never waits behind the admitted ones.
 _SPARE_THREADS = 4
-# Object reprs and addresses ("<Foo object at 0x7f...>") say nothing to a client and leak process layout.
-_ADDRESS = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
-
-
-def client_message(text: str) -> str:
-    """A status message as a client may see it: no object reprs, no memory addresses."""
-    return _ADDRESS.sub("<object>", text)
-
-
 class Admission:
     """At most ``limit`` calls run at once; one more is refused at once with RESOURCE_EXHAUSTED, and counted.
 

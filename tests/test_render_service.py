@@ -6,8 +6,11 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +22,9 @@ from services.render.cad import generate_cad_json
 from services.render.server import RenderServiceServicer
 from shared.grpc_client import channel, health_status
 from shared.grpc_server import start
-from shared.pb import render_pb2, render_pb2_grpc
+from shared.pb import common_pb2, render_pb2, render_pb2_grpc
 from shared.storage import open_location
-from tests.harness.gates import stop_at_gate
+from tests.harness.gates import feed_gate, stop_at_gate
 
 # Small sets: the service layer is under test, the generators have their own unit tests.
 SYNTH_COUNT = 8
@@ -355,3 +358,36 @@ def test_a_render_stops_when_its_clients_deadline_passes(stub, tmp_path, caplog,
     last = list(stub.Render(resume, timeout=60))[-1]
     assert (last.state, last.done, last.failed) == ("succeeded", 4, 0)
     assert len(list((out / "images").glob("*.png"))) == 12
+
+
+def test_a_render_that_fails_after_its_client_left_is_logged_and_reported(server, tmp_path, caplog):
+    address, stub = server
+    models = tmp_path / "models"
+    models.mkdir()
+    os.mkfifo(models / "a_gate.json")  # the first model: the server waits on it
+    (models / "m0.json").write_text(json.dumps(generate_cad_json(0)))
+    out = tmp_path / "out"
+    call = stub.Render(render_pb2.RenderRequest(out=str(out), workers=1,
+                                                cad=render_pb2.CadRender(input=str(models), image_size=64)))
+    job_id = next(call).job_id
+    call.cancel()  # the client goes away while the server waits on the gate...
+    caplog.set_level(logging.ERROR, logger="shared.streaming")
+    feed_gate(models / "a_gate.json", b"{}")  # ...then the model is broken: 1 of 2 failed, more than 10 %
+
+    deadline = time.monotonic() + 30
+    while (job := stub.GetJob(common_pb2.GetJobRequest(job_id=job_id))).state == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job.state == "failed" and "1 of 2 items" in job.message, job
+    assert stub.GetJob(common_pb2.GetJobRequest(output=str(out))).job_id == job_id
+    record = next(r for r in caplog.records if getattr(r, "job_id", None) == job_id)
+    assert record.getMessage() == "job failed" and record.client_connected is False
+    assert "1 of 2 items" in record.error
+
+    shown = subprocess.run([sys.executable, "-m", "cli", "job", "render", job_id, "--server", address],
+                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert shown.returncode == 1 and f"job {job_id} (render render): failed" in shown.stdout
+    assert "1 of 2 items" in shown.stdout
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetJob(common_pb2.GetJobRequest(job_id="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -8,7 +8,7 @@ from shared.benchmark.measure import ModelResult
 from shared.errors import InvalidArgument
 from shared.grpc_server import serve, service_arg_parser
 from shared.pb import benchmark_pb2, benchmark_pb2_grpc, common_pb2
-from shared.streaming import JobProgress, StreamedJob
+from shared.streaming import JobProgress, StreamedJob, job_status
 
 _STAGE_ERRORS = {"latency": "latency_error", "throughput": "throughput_error", "memory": "memory_error",
                  "quantization": "quant_error", "accuracy": "accuracy_error", "tracking": "tracking_error"}
@@ -62,7 +62,8 @@ class BenchmarkServiceServicer(benchmark_pb2_grpc.BenchmarkServiceServicer):
 
             return run_benchmarks(bench_request, progress=progress)
 
-        job = StreamedJob(work, stage="measure", output=bench_request.out or None, is_active=context.is_active)
+        job = StreamedJob(work, stage="measure", output=bench_request.out or None, is_active=context.is_active,
+                         deadline_s=context.time_remaining())
         yield benchmark_pb2.BenchmarkEvent(progress=job.progress(total=total))
         for event in job:
             if isinstance(event, JobProgress):
@@ -76,6 +77,9 @@ class BenchmarkServiceServicer(benchmark_pb2_grpc.BenchmarkServiceServicer):
                     "succeeded", "report", done=total, total=total, failed=len(failed),
                     outputs={"table": bench_request.out} if bench_request.out else {},
                     failures=[common_pb2.ItemFailure(item=r.model, reason=r.error) for r in failed]))
+
+    def GetJob(self, request, context):
+        return job_status(request.job_id, request.output)
 
 
 def register(server: grpc.Server) -> list[str]:

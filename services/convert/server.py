@@ -11,7 +11,7 @@ from services.convert.validate import validate_tinyllava
 from shared.errors import InvalidArgument
 from shared.grpc_server import serve, service_arg_parser
 from shared.pb import common_pb2, convert_pb2, convert_pb2_grpc
-from shared.streaming import JobDone, StreamedJob
+from shared.streaming import JobDone, StreamedJob, job_status
 
 
 class ConvertServiceServicer(convert_pb2_grpc.ConvertServiceServicer):
@@ -46,6 +46,9 @@ class ConvertServiceServicer(convert_pb2_grpc.ConvertServiceServicer):
     def IndexTrajectories(self, request, context):
         location, index = index_dataset("trajectories", request.path, request.out)
         return convert_pb2.IndexResponse(index_location=location, index_json=json.dumps(index))
+
+    def GetJob(self, request, context):
+        return job_status(request.job_id, request.output)
 
 
 def register(server: grpc.Server) -> list[str]:

@@ -12,7 +12,7 @@ from shared.grpc_server import serve, service_arg_parser
 from shared.pb import common_pb2, render_pb2, render_pb2_grpc
 from shared.storage import Manifest, open_location
 from shared.storage.manifest import reading_meta
-from shared.streaming import JobProgress, StreamedJob
+from shared.streaming import JobProgress, StreamedJob, job_status
 
 
 def spec_from_request(request: render_pb2.RenderRequest, default_workers: int) -> RenderSpec:
@@ -54,6 +54,9 @@ class RenderServiceServicer(render_pb2_grpc.RenderServiceServicer):
                 yield job.progress(done=event.done, total=event.total)
             else:
                 yield _published(job, *event.result)
+
+    def GetJob(self, request, context):
+        return job_status(request.job_id, request.output)
 
     def DescribeDataset(self, request, context):
         store, prefix = open_location(request.location)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from . import benchmark_pb2 as trainyard_dot_v1_dot_benchmark__pb2
+from . import common_pb2 as trainyard_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -40,6 +41,11 @@ class BenchmarkServiceStub:
                 request_serializer=trainyard_dot_v1_dot_benchmark__pb2.BenchmarkRequest.SerializeToString,
                 response_deserializer=trainyard_dot_v1_dot_benchmark__pb2.BenchmarkEvent.FromString,
                 _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/trainyard.v1.BenchmarkService/GetJob',
+                request_serializer=trainyard_dot_v1_dot_common__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=trainyard_dot_v1_dot_common__pb2.Progress.FromString,
+                _registered_method=True)
 
 
 class BenchmarkServiceServicer:
@@ -53,6 +59,13 @@ class BenchmarkServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJob(self, request, context):
+        """The state of a benchmark job, also after its stream ended (the error when it failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BenchmarkServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_BenchmarkServiceServicer_to_server(servicer, server):
                     servicer.Benchmark,
                     request_deserializer=trainyard_dot_v1_dot_benchmark__pb2.BenchmarkRequest.FromString,
                     response_serializer=trainyard_dot_v1_dot_benchmark__pb2.BenchmarkEvent.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=trainyard_dot_v1_dot_common__pb2.GetJobRequest.FromString,
+                    response_serializer=trainyard_dot_v1_dot_common__pb2.Progress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +108,33 @@ class BenchmarkService:
             '/trainyard.v1.BenchmarkService/Benchmark',
             trainyard_dot_v1_dot_benchmark__pb2.BenchmarkRequest.SerializeToString,
             trainyard_dot_v1_dot_benchmark__pb2.BenchmarkEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainyard.v1.BenchmarkService/GetJob',
+            trainyard_dot_v1_dot_common__pb2.GetJobRequest.SerializeToString,
+            trainyard_dot_v1_dot_common__pb2.Progress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,3 +44,11 @@ class ItemFailure(_message.Message):
     item: str
     reason: str
     def __init__(self, item: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id", "output")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    output: str
+    def __init__(self, job_id: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...

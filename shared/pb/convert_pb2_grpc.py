@@ -56,6 +56,11 @@ class ConvertServiceStub:
                 request_serializer=trainyard_dot_v1_dot_convert__pb2.IndexRequest.SerializeToString,
                 response_deserializer=trainyard_dot_v1_dot_convert__pb2.IndexResponse.FromString,
                 _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/trainyard.v1.ConvertService/GetJob',
+                request_serializer=trainyard_dot_v1_dot_common__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=trainyard_dot_v1_dot_common__pb2.Progress.FromString,
+                _registered_method=True)
 
 
 class ConvertServiceServicer:
@@ -90,6 +95,13 @@ class ConvertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJob(self, request, context):
+        """The state of a job of this service, also after its stream ended (the error when it failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConvertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +124,11 @@ def add_ConvertServiceServicer_to_server(servicer, server):
                     servicer.IndexTrajectories,
                     request_deserializer=trainyard_dot_v1_dot_convert__pb2.IndexRequest.FromString,
                     response_serializer=trainyard_dot_v1_dot_convert__pb2.IndexResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=trainyard_dot_v1_dot_common__pb2.GetJobRequest.FromString,
+                    response_serializer=trainyard_dot_v1_dot_common__pb2.Progress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +240,33 @@ class ConvertService:
             '/trainyard.v1.ConvertService/IndexTrajectories',
             trainyard_dot_v1_dot_convert__pb2.IndexRequest.SerializeToString,
             trainyard_dot_v1_dot_convert__pb2.IndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainyard.v1.ConvertService/GetJob',
+            trainyard_dot_v1_dot_common__pb2.GetJobRequest.SerializeToString,
+            trainyard_dot_v1_dot_common__pb2.Progress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,11 @@ class RenderServiceStub:
                 request_serializer=trainyard_dot_v1_dot_render__pb2.DescribeDatasetRequest.SerializeToString,
                 response_deserializer=trainyard_dot_v1_dot_render__pb2.DatasetInfo.FromString,
                 _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/trainyard.v1.RenderService/GetJob',
+                request_serializer=trainyard_dot_v1_dot_common__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=trainyard_dot_v1_dot_common__pb2.Progress.FromString,
+                _registered_method=True)
 
 
 class RenderServiceServicer:
@@ -68,6 +73,13 @@ class RenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJob(self, request, context):
+        """The state of a job of this service, also after its stream ended (the error when it failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +92,11 @@ def add_RenderServiceServicer_to_server(servicer, server):
                     servicer.DescribeDataset,
                     request_deserializer=trainyard_dot_v1_dot_render__pb2.DescribeDatasetRequest.FromString,
                     response_serializer=trainyard_dot_v1_dot_render__pb2.DatasetInfo.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=trainyard_dot_v1_dot_common__pb2.GetJobRequest.FromString,
+                    response_serializer=trainyard_dot_v1_dot_common__pb2.Progress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +155,33 @@ class RenderService:
             '/trainyard.v1.RenderService/DescribeDataset',
             trainyard_dot_v1_dot_render__pb2.DescribeDatasetRequest.SerializeToString,
             trainyard_dot_v1_dot_render__pb2.DatasetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainyard.v1.RenderService/GetJob',
+            trainyard_dot_v1_dot_common__pb2.GetJobRequest.SerializeToString,
+            trainyard_dot_v1_dot_common__pb2.Progress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 
-def _feed_gate(path: Path, data: bytes, timeout: float = 30.0) -> None:
+def feed_gate(path: Path, data: bytes, timeout: float = 30.0) -> None:
     """Write ``data`` into the FIFO ``path`` as soon as the server has opened it for reading."""
     deadline = time.monotonic() + timeout
     while True:
@@ -52,5 +52,5 @@ def stop_at_gate(call: grpc.Call, gate: Path, data: bytes, caplog: pytest.LogCap
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     caplog.set_level(logging.WARNING, logger="shared.streaming")
     time.sleep(0.5)  # the server's copy of the deadline ends a moment after the client's
-    _feed_gate(gate, data)
+    feed_gate(gate, data)
     return _deadline_record(caplog, job_id)
