@@ -179,9 +179,10 @@ def failure_limit(max_failures: str, total: int) -> int:
 def run_job(job: Any, store: ArtifactStore, prefix: str, *, workers: int = 1, resume: bool = False,
             progress: ProgressFn | None = None, max_failures: str = DEFAULT_MAX_FAILURES) -> Manifest:
     _check_range("workers", workers, 1, MAX_WORKERS)
+    limit = failure_limit(max_failures, job.total)  # checked for every kind, before work starts
     if hasattr(job, "run"):  # the digit and CIFAR writers have no per-item failures
         # They publish in one step at the end; the lease makes them the output's one writer from the start.
         with store.lease(prefix, purpose=f"render {job.kind}", advice=RENDER_LEASE_ADVICE):
             return job.run(store, prefix, workers=workers, resume=resume, progress=progress)
     return run_sharded(job, store, prefix, workers=workers, resume=resume, progress=progress,
-                       max_failed_items=failure_limit(max_failures, job.total))
+                       max_failed_items=limit)
