@@ -196,5 +196,10 @@ class CifarSynthJob:
         return store.publish(prefix, files, meta=meta)
 
     @property
+    def total(self) -> int:
+        """Items in both splits (every job has a total: run_job bounds failures by it)."""
+        return self.train + self.test
+
+    @property
     def config(self) -> dict[str, Any]:
         return {"train": self.train, "test": self.test}

@@ -124,6 +124,11 @@ class DigitsJob:
             raise InvalidArgument(f"train ({self.train}) and test ({self.test}) must be >= 1")
 
     @property
+    def total(self) -> int:
+        """Items in both splits (every job has a total: run_job bounds failures by it)."""
+        return self.train + self.test
+
+    @property
     def config(self) -> dict[str, Any]:
         return {"train": self.train, "test": self.test, "gzip": self.gzip,
                 "fonts": [f.rsplit("/", 1)[-1] if f else "PIL default" for f in _digit_fonts()]}
