@@ -83,7 +83,8 @@ def _wrap(behavior: Callable, method: str, metrics: ServerMetrics, streaming_res
 
     def _admit(context: grpc.ServicerContext) -> None:
         if admission is not None and not admission.try_enter():
-            metrics.observe(method, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
+            with metrics.in_flight(method):  # refused calls count as started and handled, like the others
+                metrics.observe(method, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"server overloaded: {admission.limit} calls already in flight; retry with backoff")
 
@@ -256,7 +257,7 @@ def start(
     """
     from concurrent import futures
 
-    metrics = ServerMetrics(name)
+    metrics = ServerMetrics()
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -268,6 +269,7 @@ def start(
         options=options,
     )
     service_names = list(register(server))
+    metrics.initialize([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME])
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -6,13 +6,17 @@ so they collect into a job-scoped registry and push it to the Pushgateway when t
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from http.server import HTTPServer
 from typing import Any, Self
 
+import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import push_to_gateway, pushadd_to_gateway
 
@@ -56,25 +60,36 @@ def start_metrics_server(port: int, registry: CollectorRegistry | None = None, a
     return server
 
 
+# The metric names and labels of go-grpc-prometheus (and py-grpc-prometheus), so the gRPC dashboards and alerts
+# people already run work unchanged. grpc_code takes grpc-go's spelling of each code ("NotFound", "Canceled"),
+# which those dashboards and alert mixins match on. Our own interceptor records them, rather than another
+# library's, because it is the one place that knows a call's final status (typed domain errors, admission
+# refusals, streams the client cancelled).
+_GO_CODE_NAMES = {
+    code.name: {"OK": "OK", "CANCELLED": "Canceled"}.get(code.name) or code.name.title().replace("_", "")
+    for code in grpc.StatusCode
+}
+
+
 class _GrpcFamilies:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "trainyard_grpc_requests",
-            "gRPC requests handled, by final status code.",
-            ["service", "method", "code"],
+        self.started = Counter(
+            "grpc_server_started",
+            "Total number of RPCs started on the server.",
+            ["grpc_type", "grpc_service", "grpc_method"],
             registry=registry,
         )
-        self.latency = Histogram(
-            "trainyard_grpc_request_duration_seconds",
-            "Time from receiving a gRPC request to sending its response.",
-            ["service", "method"],
+        self.handled = Counter(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+            registry=registry,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            ["grpc_type", "grpc_service", "grpc_method"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "trainyard_grpc_requests_in_flight",
-            "gRPC requests being handled right now.",
-            ["service"],
             registry=registry,
         )
 
@@ -93,30 +108,67 @@ def _grpc_families(registry: CollectorRegistry) -> _GrpcFamilies:
         return fams
 
 
-class ServerMetrics:
-    """Request count, latency and in-flight gauge for one gRPC service (used by the bootstrap's interceptor)."""
+def _rpc_type(method: MethodDescriptor) -> str:
+    if method.client_streaming:
+        return "bidi_stream" if method.server_streaming else "client_stream"
+    return "server_stream" if method.server_streaming else "unary"
 
-    def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
-        self.service = service
+
+@functools.lru_cache(maxsize=4096)
+def method_labels(full_method: str) -> tuple[str, str, str]:
+    """(grpc_type, grpc_service, grpc_method) of "/package.Service/Method". The type comes from the method's
+    descriptor, which every generated stub registers in protobuf's default pool; "unknown" where none is."""
+    service, sep, method = full_method.lstrip("/").partition("/")
+    if not sep:
+        return "unknown", "unknown", "unknown"
+    try:
+        descriptor = descriptor_pool.Default().FindMethodByName(f"{service}.{method}")
+    except KeyError:
+        return "unknown", service, method
+    return _rpc_type(descriptor), service, method
+
+
+class ServerMetrics:
+    """Started and handled calls and their latency, per gRPC method (used by the bootstrap's interceptor).
+
+    What is in flight is ``grpc_server_started_total - grpc_server_handled_total``, as with go-grpc-prometheus.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or REGISTRY
         self._f = _grpc_families(self.registry)
-        self._in_flight = self._f.in_flight.labels(service=service)
+
+    def initialize(self, service_names: Iterable[str]) -> None:
+        """Create every method's series at zero, every code included (go-grpc-prometheus's InitializeMetrics):
+        rate() and increase() see a series' first increment only if it existed before, and an idle service
+        still shows which APIs it serves."""
+        pool = descriptor_pool.Default()
+        for name in service_names:
+            try:
+                service = pool.FindServiceByName(name)
+            except KeyError:
+                log.debug("no descriptor for service, its metrics start at its first call", extra={"service": name})
+                continue
+            for method in service.methods:
+                labels = (_rpc_type(method), service.full_name, method.name)
+                self._f.started.labels(*labels)
+                self._f.handling.labels(*labels)
+                for code in _GO_CODE_NAMES.values():
+                    self._f.handled.labels(*labels, code)
 
     def observe(self, method: str, code: Any, seconds: float) -> None:
-        """Count one finished call. ``code`` is a ``grpc.StatusCode`` or its name ("OK", "NOT_FOUND")."""
+        """Count one finished call of ``method`` ("/package.Service/Method"). ``code`` is a ``grpc.StatusCode``
+        or its name ("OK", "NOT_FOUND")."""
         code_name = getattr(code, "name", None) or str(code)
-        self._f.requests.labels(service=self.service, method=method, code=code_name).inc()
-        self._f.latency.labels(service=self.service, method=method).observe(seconds)
+        labels = method_labels(method)
+        self._f.handled.labels(*labels, _GO_CODE_NAMES.get(code_name, code_name)).inc()
+        self._f.handling.labels(*labels).observe(seconds)
 
     @contextlib.contextmanager
     def in_flight(self, method: str) -> Iterator[None]:
-        """Hold the in-flight gauge up while the body runs. ``method`` is accepted for symmetry with
-        ``observe``; the gauge is per service, since per-method in-flight series are almost always 0."""
-        self._in_flight.inc()
-        try:
-            yield
-        finally:
-            self._in_flight.dec()
+        """Count ``method`` as started; the call is in flight until ``observe`` counts it handled."""
+        self._f.started.labels(*method_labels(method)).inc()
+        yield
 
 
 def job_registry() -> CollectorRegistry:

@@ -144,18 +144,22 @@ def test_drain_reports_not_serving_and_lets_inflight_calls_finish(host):
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_stream_the_client_cancels_counts_as_cancelled_not_as_an_error(host):
-    labels = {"service": "test", "method": "/trainyard.v1.TrainService/WatchRun", "code": "CANCELLED"}
-    before = REGISTRY.get_sample_value("trainyard_grpc_requests_total", labels) or 0
+    labels = {"grpc_type": "server_stream", "grpc_service": "trainyard.v1.TrainService", "grpc_method": "WatchRun"}
+
+    def handled(code: str) -> float:
+        return REGISTRY.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code}) or 0
+
+    before = {code: handled(code) for code in ("Canceled", "Internal", "Unknown")}
     stream = _stub(host).WatchRun(train_pb2.WatchRunRequest(run_id="endless"), timeout=30)
     assert [next(stream).epoch.epoch for _ in range(3)] == [1, 2, 3]
     stream.cancel()
     deadline = time.monotonic() + 10
-    while (REGISTRY.get_sample_value("trainyard_grpc_requests_total", labels) or 0) == before:
+    while handled("Canceled") == before["Canceled"]:
         assert time.monotonic() < deadline, "the cancelled stream was never counted"
         gc.collect()  # the server closes an abandoned generator when it is collected
         time.sleep(0.05)
-    for code in ("INTERNAL", "UNKNOWN"):
-        assert not REGISTRY.get_sample_value("trainyard_grpc_requests_total", {**labels, "code": code})
+    for code in ("Internal", "Unknown"):
+        assert handled(code) == before[code]
     assert _stub(host).GetRun(train_pb2.GetRunRequest(run_id="ok"), timeout=5).run_id == "ok"
 
 

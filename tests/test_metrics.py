@@ -7,54 +7,121 @@ import urllib.request
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
+from shared import errors
+from shared.grpc_client import channel
+from shared.grpc_server import start
 from shared.metrics import JobMetrics, ServerMetrics, job_registry, push_metrics, start_metrics_server
+from shared.pb import train_pb2, train_pb2_grpc
 from tests.harness import free_port
 from tests.harness.process import HOST
 from tests.harness.prometheus import scrape
 
+SUBMIT = "/trainyard.v1.TrainService/SubmitRun"
+WATCH = "/trainyard.v1.TrainService/WatchRun"
+
 
 def test_server_metrics_scraped_by_prometheus(prometheus_factory):
     registry = CollectorRegistry()
-    train = ServerMetrics("train", registry)
-    render = ServerMetrics("render", registry)  # a second service on the same registry must not clash
+    metrics = ServerMetrics(registry)
+    ServerMetrics(registry)  # a second server on the same registry must not clash
     with start_metrics_server(0, registry, addr=HOST) as server:
         for seconds in (0.002, 0.03, 0.4):
-            train.observe("StartTraining", grpc.StatusCode.OK, seconds)
-        train.observe("StartTraining", grpc.StatusCode.INVALID_ARGUMENT, 0.001)
-        render.observe("Render", "NOT_FOUND", 2.0)
+            with metrics.in_flight(SUBMIT):
+                metrics.observe(SUBMIT, grpc.StatusCode.OK, seconds)
+        with metrics.in_flight(SUBMIT):
+            metrics.observe(SUBMIT, grpc.StatusCode.INVALID_ARGUMENT, 0.001)
+        with metrics.in_flight(WATCH):
+            metrics.observe(WATCH, "NOT_FOUND", 2.0)
         prom = prometheus_factory([f"{HOST}:{server.port}"])
 
         def value(promql: str, expected: float) -> None:
             result = prom.wait_for(promql, lambda r: bool(r) and float(r[0]["value"][1]) == expected)
             assert float(result[0]["value"][1]) == expected
 
-        value('trainyard_grpc_requests_total{service="train",method="StartTraining",code="OK"}', 3)
-        value('trainyard_grpc_requests_total{service="train",code="INVALID_ARGUMENT"}', 1)
-        value('trainyard_grpc_requests_total{service="render",method="Render",code="NOT_FOUND"}', 1)
-        value('trainyard_grpc_request_duration_seconds_count{service="train",method="StartTraining"}', 4)
-        value('trainyard_grpc_request_duration_seconds_bucket{service="train",le="0.005"}', 2)
-        value('trainyard_grpc_request_duration_seconds_bucket{service="render",le="1.0"}', 0)
-        total = prom.query('trainyard_grpc_request_duration_seconds_sum{service="train"}')
+        # go-grpc-prometheus's names, labels and code spellings
+        submit = 'grpc_type="unary",grpc_service="trainyard.v1.TrainService",grpc_method="SubmitRun"'
+        watch = 'grpc_type="server_stream",grpc_service="trainyard.v1.TrainService",grpc_method="WatchRun"'
+        value(f'grpc_server_handled_total{{{submit},grpc_code="OK"}}', 3)
+        value(f'grpc_server_handled_total{{{submit},grpc_code="InvalidArgument"}}', 1)
+        value(f'grpc_server_handled_total{{{watch},grpc_code="NotFound"}}', 1)
+        value(f'grpc_server_started_total{{{submit}}}', 4)
+        value(f'grpc_server_handling_seconds_count{{{submit}}}', 4)
+        value(f'grpc_server_handling_seconds_bucket{{{submit},le="0.005"}}', 2)
+        value(f'grpc_server_handling_seconds_bucket{{{watch},le="1.0"}}', 0)
+        total = prom.query(f'grpc_server_handling_seconds_sum{{{submit}}}')
         assert float(total[0]["value"][1]) == pytest.approx(0.433)
 
-        with train.in_flight("StartTraining"), train.in_flight("StartTraining"):
-            value('trainyard_grpc_requests_in_flight{service="train"}', 2)
-        value('trainyard_grpc_requests_in_flight{service="train"}', 0)
+        in_flight = f'sum(grpc_server_started_total{{{submit}}}) - sum(grpc_server_handled_total{{{submit}}})'
+        with metrics.in_flight(SUBMIT), metrics.in_flight(SUBMIT):
+            value(in_flight, 2)
+            metrics.observe(SUBMIT, grpc.StatusCode.OK, 0.01)
+            metrics.observe(SUBMIT, grpc.StatusCode.OK, 0.01)
+        value(in_flight, 0)
         value('up{job="trainyard"}', 1)
 
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(f"http://{HOST}:{server.port}/metrics", timeout=2)
 
 
-def test_in_flight_drops_on_exception():
+def test_every_method_starts_at_zero_with_its_type_and_every_code():
     registry = CollectorRegistry()
-    metrics = ServerMetrics("convert", registry)
-    with pytest.raises(ValueError), metrics.in_flight("Convert"):
-        assert registry.get_sample_value("trainyard_grpc_requests_in_flight", {"service": "convert"}) == 1
-        raise ValueError("bad input")
-    assert registry.get_sample_value("trainyard_grpc_requests_in_flight", {"service": "convert"}) == 0
+    ServerMetrics(registry).initialize(["trainyard.v1.TrainService", "grpc.health.v1.Health", "no.such.Service"])
+    for method, kind in [("SubmitRun", "unary"), ("WatchRun", "server_stream"), ("ListRuns", "unary")]:
+        labels = {"grpc_type": kind, "grpc_service": "trainyard.v1.TrainService", "grpc_method": method}
+        assert registry.get_sample_value("grpc_server_started_total", labels) == 0
+        assert registry.get_sample_value("grpc_server_handling_seconds_count", labels) == 0
+        for code in ("OK", "Canceled", "DeadlineExceeded", "NotFound", "ResourceExhausted", "Unauthenticated"):
+            assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code}) == 0
+    watch = {"grpc_type": "server_stream", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Watch"}
+    assert registry.get_sample_value("grpc_server_started_total", watch) == 0
+    codes = {s.labels["grpc_code"] for m in registry.collect() if m.name == "grpc_server_handled"
+             for s in m.samples if s.name.endswith("_total")}
+    assert len(codes) == len(grpc.StatusCode) == 17
+
+
+def test_a_real_server_counts_started_and_handled_calls_with_their_codes():
+    before = {code: _handled("GetRun", code) for code in ("OK", "NotFound", "Internal")}
+    started_before = _started("GetRun")
+
+    class Servicer(train_pb2_grpc.TrainServiceServicer):
+        def GetRun(self, request, context):
+            if request.run_id == "missing":
+                raise errors.NotFound("no run 'missing'")
+            if request.run_id == "bug":
+                raise RuntimeError("a bug")
+            return train_pb2.Run(run_id=request.run_id)
+
+    def register(server):
+        train_pb2_grpc.add_TrainServiceServicer_to_server(Servicer(), server)
+        return ["trainyard.v1.TrainService"]
+
+    host = start("metrics-test", register, port=0)
+    try:
+        with channel(f"127.0.0.1:{host.port}") as ch:
+            stub = train_pb2_grpc.TrainServiceStub(ch)
+            assert stub.GetRun(train_pb2.GetRunRequest(run_id="ok"), timeout=5).run_id == "ok"
+            for run_id, code in (("missing", grpc.StatusCode.NOT_FOUND), ("bug", grpc.StatusCode.INTERNAL)):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.GetRun(train_pb2.GetRunRequest(run_id=run_id), timeout=5)
+                assert info.value.code() == code
+    finally:
+        host.stop(grace=1)
+    assert {code: _handled("GetRun", code) - n for code, n in before.items()} == {
+        "OK": 1, "NotFound": 1, "Internal": 1}
+    assert _started("GetRun") - started_before == 3
+
+
+def _handled(method: str, code: str) -> float:
+    return REGISTRY.get_sample_value("grpc_server_handled_total", {
+        "grpc_type": "unary", "grpc_service": "trainyard.v1.TrainService", "grpc_method": method,
+        "grpc_code": code}) or 0.0
+
+
+def _started(method: str) -> float:
+    return REGISTRY.get_sample_value("grpc_server_started_total", {
+        "grpc_type": "unary", "grpc_service": "trainyard.v1.TrainService", "grpc_method": method}) or 0.0
 
 
 def test_push_metrics_to_real_pushgateway(pushgateway, monkeypatch):

@@ -15,7 +15,6 @@ from shared.grpc_server import start
 from shared.pb import train_pb2, train_pb2_grpc
 
 SERVICE = "overload-test"
-METHOD = "/trainyard.v1.TrainService/GetRun"
 
 
 class _Servicer(train_pb2_grpc.TrainServiceServicer):
@@ -29,8 +28,14 @@ class _Servicer(train_pb2_grpc.TrainServiceServicer):
 
 
 def _count(code: str) -> float:
-    return REGISTRY.get_sample_value("trainyard_grpc_requests_total",
-                                     {"service": SERVICE, "method": METHOD, "code": code}) or 0.0
+    return REGISTRY.get_sample_value("grpc_server_handled_total", {
+        "grpc_type": "unary", "grpc_service": "trainyard.v1.TrainService", "grpc_method": "GetRun", "grpc_code": code,
+    }) or 0.0
+
+
+def _started() -> float:
+    return REGISTRY.get_sample_value("grpc_server_started_total", {
+        "grpc_type": "unary", "grpc_service": "trainyard.v1.TrainService", "grpc_method": "GetRun"}) or 0.0
 
 
 def _serve(max_workers: int):
@@ -44,7 +49,8 @@ def _serve(max_workers: int):
 def test_overload_is_refused_at_once_and_counted_while_health_answers():
     host = _serve(max_workers=4)
     address = f"127.0.0.1:{host.port}"
-    before = {code: _count(code) for code in ("OK", "RESOURCE_EXHAUSTED")}
+    before = {code: _count(code) for code in ("OK", "ResourceExhausted")}
+    started_before = _started()
     calls = 300
     try:
         with channel(address) as ch, ThreadPoolExecutor(64) as pool:
@@ -69,7 +75,8 @@ def test_overload_is_refused_at_once_and_counted_while_health_answers():
     assert ok >= 4 and refused > 0
     # Every call is in the metrics with the code its client saw.
     assert _count("OK") - before["OK"] == ok
-    assert _count("RESOURCE_EXHAUSTED") - before["RESOURCE_EXHAUSTED"] == refused
+    assert _count("ResourceExhausted") - before["ResourceExhausted"] == refused
+    assert _started() - started_before == calls  # refused calls started too: nothing left in flight
 
 
 def test_status_messages_carry_no_reprs_or_addresses():
