@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from cli.models import parse_input_size
+from cli.output import add_output_options, emit, note
 from shared.errors import InvalidArgument
 
 
@@ -35,10 +36,10 @@ def _run(args) -> int:
 
     results = run_benchmarks(request, progress=report)
     bar.close()
-    print(to_markdown(results))
+    emit(args, [r.model_dump(mode="json") for r in results], lambda: to_markdown(results))
     if args.out:
         written = write_tables(results, args.out)
-        print("wrote " + ", ".join(str(p) for p in written.values()))
+        note(args, "wrote " + ", ".join(str(p) for p in written.values()))
     return 1 if any(r.error for r in results) else 0
 
 
@@ -55,4 +56,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--out", help="write the Markdown table here, with .csv and .png beside it")
     p.add_argument("--no-progress", action="store_true")
+    add_output_options(p)
     p.set_defaults(func=_run)

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 
+from cli.output import add_output_options, emit
 from services.render.jobs import DEFAULT_MAX_FAILURES, KINDS
 
 # Every kind-specific render option, as the kinds name them (services.render.jobs.KINDS).
@@ -84,7 +85,8 @@ def _cmd_convert(args) -> int:
         from services.convert.validate import validate_tinyllava
 
         report = validate_tinyllava(args.path)
-        print(report)
+        emit(args, {"path": report.path, "ok": report.ok, "counts": report.counts, "problems": report.problems},
+             str(report))
         return 0 if report.ok else 1
     from services.convert.indexes import index_dataset
 
@@ -162,6 +164,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--val-fraction", type=float, default=0.1)
     c = csub.add_parser("validate", help="check a TinyLLaVA dataset; exits non-zero on any problem")
     c.add_argument("path")
+    add_output_options(c)
     for action, what in (("index-images", "an image folder"), ("index-trajectories", "trajectory shards")):
         c = csub.add_parser(action, help=f"index {what} for the trainer")
         c.add_argument("path", help="the published dataset")

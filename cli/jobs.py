@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from cli.output import add_output_options, emit, proto_dict
 from shared.grpc_server import SERVICE_PORTS
 
 # The services with long jobs, and their stubs (imported when used).
@@ -22,8 +23,9 @@ def _status(args) -> int:
     with channel(server) as ch:
         job = stub_class(ch).GetJob(common_pb2.GetJobRequest(job_id=args.job_id or "", output=args.output or ""),
                                     timeout=30)
-    print(f"job {job.job_id} ({args.service} {job.stage}): {job.state}, {job.done}/{job.total} "
-          f"after {job.elapsed_seconds:.1f}s" + (f"\n  {job.message}" if job.message else ""))
+    emit(args, {"service": args.service, **proto_dict(job)},
+         f"job {job.job_id} ({args.service} {job.stage}): {job.state}, {job.done}/{job.total} "
+         f"after {job.elapsed_seconds:.1f}s" + (f"\n  {job.message}" if job.message else ""))
     return 0 if job.state in ("succeeded", "running") else 1
 
 
@@ -34,4 +36,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job_id", nargs="?", help="the job id its progress messages carried")
     p.add_argument("--output", help="instead of an id: the newest job that wrote this location")
     p.add_argument("--server", help="the service's address (default: its local port)")
+    add_output_options(p)
     p.set_defaults(func=_status)

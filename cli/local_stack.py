@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli.output import add_output_options, emit
 from shared.errors import FailedPrecondition
 from shared.grpc_client import health_status, wait_serving
 from shared.grpc_server import SERVICE_PORTS
@@ -106,19 +107,25 @@ def down(grace_s: float = 20.0) -> list[str]:
     return stopped
 
 
+def _rows(services: dict[str, dict], *extra: str) -> list[dict]:
+    """One object per service, the same keys whether or not `up` started it (null for what it did not record)."""
+    return [{"service": name, **{k: info.get(k) for k in ("address", "metrics", "pid", "log", *extra)}}
+            for name, info in services.items()]
+
+
 def _cmd_up(args) -> int:
     state = up(args.services or None, deadline_s=args.deadline)
-    print(f"{'service':<10} {'gRPC':<18} {'metrics':<32} pid")
-    for name, info in state.items():
-        print(f"{name:<10} {info['address']:<18} {info['metrics']:<32} {info['pid']}")
+    lines = [f"{'service':<10} {'gRPC':<18} {'metrics':<32} pid"]
+    lines += [f"{name:<10} {info['address']:<18} {info['metrics']:<32} {info['pid']}" for name, info in state.items()]
+    emit(args, _rows(state), "\n".join(lines))
     return 0
 
 
 def _cmd_status(args) -> int:
     rows = status()
-    print(f"{'service':<10} {'address':<18} health")
-    for name, info in rows.items():
-        print(f"{name:<10} {info['address']:<18} {info['health']}")
+    lines = [f"{'service':<10} {'address':<18} health"]
+    lines += [f"{name:<10} {info['address']:<18} {info['health']}" for name, info in rows.items()]
+    emit(args, _rows(rows, "health"), "\n".join(lines))
     return 0 if all(r["health"] == "SERVING" for r in rows.values()) else 1
 
 
@@ -132,9 +139,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start all five services locally on embedded defaults")
     p.add_argument("services", nargs="*", help="only these services")
     p.add_argument("--deadline", type=float, default=120.0, help="seconds to wait for SERVING")
+    add_output_options(p)
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("status", help="print each service's health")
+    add_output_options(p)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("down", help="stop the services `up` started")

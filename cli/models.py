@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cli.output import add_output_options, emit
 from shared.errors import InvalidArgument
-from shared.models.registry import create_model, is_registered, list_models, model_description
-from shared.models.summary import count_params, model_summary
+
+# The zoo (torch, timm) is imported where it is used: every `trainyard` call, shell completion included,
+# imports this module, and torch takes seconds to import.
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:
@@ -20,32 +22,51 @@ def parse_input_size(text: str) -> tuple[int, ...]:
     return dims
 
 
-def cmd_models_list(args: Any = None) -> str:
-    """Registered models with their parameter counts; timm names too when ``args.timm`` is set.
+def models_list(pattern: str | None = None, include_timm: bool = False) -> list[dict[str, Any]]:
+    """The zoo's models (name, source, params, description), ours first; timm's only by name."""
+    from shared.models.registry import create_model, is_registered, list_models, model_description
+    from shared.models.summary import count_params
 
-    ``args`` is the argparse namespace; ``pattern`` (glob) and ``timm`` / ``include_timm`` are optional.
-    """
-    pattern = getattr(args, "pattern", None)
-    include_timm = bool(getattr(args, "timm", False) or getattr(args, "include_timm", False))
-    names = list_models(pattern, include_timm=include_timm)
-    ours = [n for n in names if is_registered(n)]
-    lines = []
-    width = max((len(n) for n in ours), default=0)
-    for name in ours:
-        params = count_params(create_model(name))
-        lines.append(f"{name.ljust(width)}  {params:>12,}  {model_description(name)}")
-    others = [n for n in names if not is_registered(n)]
+    return [{"name": name, "source": "trainyard", "params": count_params(create_model(name)),
+             "description": model_description(name)} if is_registered(name) else
+            {"name": name, "source": "timm", "params": None, "description": None}
+            for name in list_models(pattern, include_timm=include_timm)]
+
+
+def format_models_list(rows: list[dict[str, Any]], pattern: str | None = None) -> str:
+    ours = [r for r in rows if r["source"] == "trainyard"]
+    width = max((len(r["name"]) for r in ours), default=0)
+    lines = [f"{r['name'].ljust(width)}  {r['params']:>12,}  {r['description']}" for r in ours]
+    others = [r["name"] for r in rows if r["source"] != "trainyard"]
     if others:
         lines.append(f"timm models ({len(others)}):")
         lines += [f"  {n}" for n in others]
     return "\n".join(lines) if lines else f"no model matches {pattern!r}"
 
 
-def cmd_models_summary(name: str, input_str: str = "1x28x28", num_classes: int | None = None) -> str:
-    """The layer-by-layer table of ``name`` for one ``CxHxW`` input; input channels follow ``input_str``."""
+def _list_args(args: Any) -> tuple[str | None, bool]:
+    """``args`` is the argparse namespace; ``pattern`` (glob) and ``timm`` / ``include_timm`` are optional."""
+    return getattr(args, "pattern", None), bool(getattr(args, "timm", False) or getattr(args, "include_timm", False))
+
+
+def cmd_models_list(args: Any = None) -> str:
+    """Registered models with their parameter counts; timm names too when ``args.timm`` is set."""
+    pattern, include_timm = _list_args(args)
+    return format_models_list(models_list(pattern, include_timm), pattern)
+
+
+def models_summary(name: str, input_str: str = "1x28x28", num_classes: int | None = None):
+    """The layer-by-layer ``Summary`` of ``name`` for one ``CxHxW`` input; input channels follow ``input_str``."""
+    from shared.models.registry import create_model
+    from shared.models.summary import model_summary
+
     size = parse_input_size(input_str)
     model = create_model(name, num_classes=num_classes, in_chans=size[0])
-    return model_summary(model, size, name=name).to_text()
+    return model_summary(model, size, name=name)
+
+
+def cmd_models_summary(name: str, input_str: str = "1x28x28", num_classes: int | None = None) -> str:
+    return models_summary(name, input_str, num_classes).to_text()
 
 
 def cmd_models_promote(name: str, version: int, alias: str) -> str:
@@ -58,16 +79,20 @@ def cmd_models_promote(name: str, version: int, alias: str) -> str:
 
 def _run(args) -> int:
     if args.action == "list":
-        print(cmd_models_list(args))
+        pattern, include_timm = _list_args(args)
+        rows = models_list(pattern, include_timm)
+        emit(args, rows, lambda: format_models_list(rows, pattern))
         return 0
     if args.action == "promote":
         if not args.name or args.version is None:
             raise SystemExit("trainyard models promote needs a model name and --version")
-        print(cmd_models_promote(args.name, args.version, args.alias))
+        text = cmd_models_promote(args.name, args.version, args.alias)
+        emit(args, {"model": args.name, "alias": args.alias, "version": args.version}, text)
         return 0
     if not args.name:
         raise SystemExit("trainyard models summary needs a model name")
-    print(cmd_models_summary(args.name, args.input, args.num_classes))
+    summary = models_summary(args.name, args.input, args.num_classes)
+    emit(args, summary.to_dict(), summary.to_text)
     return 0
 
 
@@ -82,4 +107,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--pattern", help="list: only names matching this glob")
     p.add_argument("--timm", action="store_true", help="list: include timm's models")
+    add_output_options(p)
     p.set_defaults(func=_run)

@@ -5,6 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
+from cli.output import add_output_options, emit, proto_dict, wants_json
 from shared.errors import NotFound
 
 
@@ -21,22 +22,42 @@ def _state(run) -> str:
     return train_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_")
 
 
-def print_run(run) -> None:
-    print(f"run {run.run_id}  {_state(run)}  backend={run.backend}  model={run.model}  epoch {run.epoch}/{run.epochs}")
+def format_run(run) -> str:
+    lines = [f"run {run.run_id}  {_state(run)}  backend={run.backend}  model={run.model}  "
+             f"epoch {run.epoch}/{run.epochs}"]
     if run.metrics:
-        print("  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(run.metrics.items())))
+        lines.append("  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(run.metrics.items())))
     if run.message:
-        print(f"  {run.message}")
+        lines.append(f"  {run.message}")
     if run.mlflow_run_id:
-        print(f"  mlflow run: {run.mlflow_run_id}")
+        lines.append(f"  mlflow run: {run.mlflow_run_id}")
     if run.model_uri:
-        print(f"  model: {run.model_uri}")
+        lines.append(f"  model: {run.model_uri}")
     if run.forked_from:
-        print(f"  forked from: {run.forked_from}")
+        lines.append(f"  forked from: {run.forked_from}")
+    return "\n".join(lines)
 
 
-def watch(stub, run_id: str) -> int:
-    """Follow a run with a progress bar over epochs; exit code 0 only when it succeeded."""
+def run_dict(run) -> dict:
+    """Every field of the run; its state as the text shows it (SUCCEEDED, not RUN_STATE_SUCCEEDED)."""
+    return proto_dict(run) | {"state": _state(run)}
+
+
+def show_run(args, run) -> None:
+    emit(args, run_dict(run), lambda: format_run(run))
+
+
+def format_runs(runs) -> str:
+    lines = [f"{'run id':<34} {'state':<10} {'backend':<10} {'model':<24} {'epoch':>7}  val_acc"]
+    for r in runs:
+        acc = f"{r.metrics['val_acc']:.4f}" if "val_acc" in r.metrics else "-"
+        lines.append(f"{r.run_id:<34} {_state(r):<10} {r.backend:<10} {r.model:<24} {r.epoch:>3}/{r.epochs:<3}  {acc}")
+    return "\n".join(lines)
+
+
+def watch(args, stub, run_id: str) -> int:
+    """Follow a run with a progress bar over epochs (on stderr), then show it; exit code 0 only when it
+    succeeded."""
     from tqdm import tqdm
 
     from shared.pb import train_pb2
@@ -58,7 +79,7 @@ def watch(stub, run_id: str) -> int:
         bar.close()
     if last is not None:
         last = stub.GetRun(train_pb2.GetRunRequest(run_id=run_id))
-        print_run(last)
+        show_run(args, last)
     return 0 if last is not None and last.state == train_pb2.RUN_STATE_SUCCEEDED else 1
 
 
@@ -72,8 +93,13 @@ def _cmd_train(args) -> int:
     run = stub.SubmitRun(train_pb2.SubmitRunRequest(
         config_yaml=path.read_text(), overrides=args.set, backend=args.backend or "", run_id=args.run_id or "",
         replicas=args.replicas, fork=args.fork))
-    print_run(run)
-    return watch(stub, run.run_id) if args.watch else 0
+    if args.watch:
+        # JSON: one document, the run as it ended
+        if not wants_json(args):
+            print(format_run(run))
+        return watch(args, stub, run.run_id)
+    show_run(args, run)
+    return 0
 
 
 def _cmd_runs(args) -> int:
@@ -82,19 +108,16 @@ def _cmd_runs(args) -> int:
     stub = _train_stub(args)
     if args.action == "list":
         runs = stub.ListRuns(train_pb2.ListRunsRequest(limit=args.limit)).runs
-        print(f"{'run id':<34} {'state':<10} {'backend':<10} {'model':<24} {'epoch':>7}  val_acc")
-        for r in runs:
-            acc = f"{r.metrics['val_acc']:.4f}" if "val_acc" in r.metrics else "-"
-            print(f"{r.run_id:<34} {_state(r):<10} {r.backend:<10} {r.model:<24} {r.epoch:>3}/{r.epochs:<3}  {acc}")
+        emit(args, [run_dict(r) for r in runs], lambda: format_runs(runs))
         return 0
     if not args.run_id:
         raise SystemExit(f"trainyard runs {args.action} needs a run id")
     if args.action == "show":
-        print_run(stub.GetRun(train_pb2.GetRunRequest(run_id=args.run_id)))
+        show_run(args, stub.GetRun(train_pb2.GetRunRequest(run_id=args.run_id)))
         return 0
     if args.action == "watch":
-        return watch(stub, args.run_id)
-    print_run(stub.CancelRun(train_pb2.CancelRunRequest(run_id=args.run_id)))
+        return watch(args, stub, args.run_id)
+    show_run(args, stub.CancelRun(train_pb2.CancelRunRequest(run_id=args.run_id)))
     return 0
 
 
@@ -111,6 +134,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "instead of resuming; the old run stays as it is")
     p.add_argument("--watch", action="store_true", help="follow the run with a progress bar until it ends")
     p.add_argument("--server", default=train_addr, help="train service address")
+    add_output_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("runs", help="list, show, watch or cancel training runs")
@@ -118,4 +142,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_id", nargs="?")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--server", default=train_addr, help="train service address")
+    add_output_options(p)
     p.set_defaults(func=_cmd_runs)

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from cli.output import add_output_options, emit, note, proto_dict, wants_json
 from shared.errors import NotFound
 
 
@@ -16,32 +17,50 @@ def _stub(args):
     return train_pb2_grpc.TrainServiceStub(channel(args.server))
 
 
-def print_study(study) -> None:
+def format_study(study) -> str:
     counts: dict[str, int] = {}
     for t in study.trials:
         counts[t.state] = counts.get(t.state, 0) + 1
-    print(f"study {study.study_id}  {study.state}  {len(study.trials)} trials ("
-          + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + f")  parallelism {study.parallelism}")
+    lines = [f"study {study.study_id}  {study.state}  {len(study.trials)} trials ("
+             + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + f")  parallelism {study.parallelism}"]
     if study.message:
-        print(f"  {study.message}")
-    print(f"  mlflow parent run: {study.mlflow_parent_run_id}")
+        lines.append(f"  {study.message}")
+    lines.append(f"  mlflow parent run: {study.mlflow_parent_run_id}")
     if study.report_uri:
-        print(f"  report: {study.report_uri}")
+        lines.append(f"  report: {study.report_uri}")
     if study.timing:
         t = study.timing
-        print(f"  wall {t['study_wall_s']:.1f}s for {t['trials_sum_s']:.1f}s of trials (+{t['benchmark_sum_s']:.1f}s "
-              f"benchmarking); study overhead {t['study_overhead_s']:.1f}s = {t['study_overhead_pct']:.1f}% of the "
-              "trial time")
+        lines.append(f"  wall {t['study_wall_s']:.1f}s for {t['trials_sum_s']:.1f}s of trials "
+                     f"(+{t['benchmark_sum_s']:.1f}s benchmarking); study overhead {t['study_overhead_s']:.1f}s = "
+                     f"{t['study_overhead_pct']:.1f}% of the trial time")
+    return "\n".join(lines)
 
 
-def _print_trials(study) -> None:
-    print(f"  {'trial':<11} {'state':<10} overrides")
+def print_study(study) -> None:
+    print(format_study(study))
+
+
+def format_trials(study) -> str:
+    lines = [f"  {'trial':<11} {'state':<10} overrides"]
     for t in study.trials:
         overrides = ", ".join(f"{k}={json.loads(v)}" for k, v in sorted(t.overrides.items()))
-        print(f"  {t.trial_id:<11} {t.state:<10} {overrides}" + (f"  ({t.message})" if t.message else ""))
+        lines.append(f"  {t.trial_id:<11} {t.state:<10} {overrides}" + (f"  ({t.message})" if t.message else ""))
+    return "\n".join(lines)
 
 
-def _watch(stub, study_id: str) -> int:
+def study_dict(study) -> dict:
+    """Every field of the study and its trials; a trial's overrides as values, not the JSON text they travel as."""
+    out = proto_dict(study)
+    for trial in out["trials"]:
+        trial["overrides"] = {k: json.loads(v) for k, v in trial["overrides"].items()}
+    return out
+
+
+def show_study(args, study, trials: bool = False) -> None:
+    emit(args, study_dict(study), lambda: format_study(study) + ("\n" + format_trials(study) if trials else ""))
+
+
+def _watch(args, stub, study_id: str) -> int:
     from tqdm import tqdm
 
     from shared.pb import train_pb2
@@ -65,7 +84,7 @@ def _watch(stub, study_id: str) -> int:
     if bar is not None:
         bar.close()
     study = stub.GetStudy(train_pb2.GetStudyRequest(study_id=study_id))
-    print_study(study)
+    show_study(args, study)
     return 0 if study.state == "SUCCEEDED" else 1
 
 
@@ -81,22 +100,25 @@ def _cmd_study(args) -> int:
         stub = _stub(args)
         study = stub.SubmitStudy(train_pb2.SubmitStudyRequest(spec_yaml=spec_for_submit(path.read_text(), str(path)),
                                                               backend=args.backend or ""))
-        print_study(study)
-        return _watch(stub, study.study_id) if args.watch else 0
+        if args.watch:
+            # JSON: one document, the study as it ended
+            if not wants_json(args):
+                print_study(study)
+            return _watch(args, stub, study.study_id)
+        show_study(args, study)
+        return 0
     if args.action == "list":
-        for study in _stub(args).ListStudies(train_pb2.ListStudiesRequest(limit=args.limit)).studies:
-            print_study(study)
+        studies = _stub(args).ListStudies(train_pb2.ListStudiesRequest(limit=args.limit)).studies
+        emit(args, [study_dict(s) for s in studies], lambda: "\n".join(format_study(s) for s in studies))
         return 0
     if not args.target:
         raise SystemExit(f"trainyard study {args.action} needs a study id")
     stub = _stub(args)
     if args.action == "status":
-        study = stub.GetStudy(train_pb2.GetStudyRequest(study_id=args.target))
-        print_study(study)
-        _print_trials(study)
+        show_study(args, stub.GetStudy(train_pb2.GetStudyRequest(study_id=args.target)), trials=True)
         return 0
     if args.action == "cancel":
-        print_study(stub.CancelStudy(train_pb2.CancelStudyRequest(study_id=args.target)))
+        show_study(args, stub.CancelStudy(train_pb2.CancelStudyRequest(study_id=args.target)))
         return 0
     from services.train.studies.report import report_from_mlflow
 
@@ -106,8 +128,10 @@ def _cmd_study(args) -> int:
     for name, data in report.files().items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(data)
-    print("\n".join(t.markdown() for t in report.tables))
-    print(f"report (rebuilt from MLflow): {out / 'report.md'} and {out / 'report.html'}")
+    tables = [{"title": t.title, "note": t.note, "headers": t.headers, "rows": t.rows} for t in report.tables]
+    emit(args, {"study_id": args.target, "report": str(out / "report.md"), "html": str(out / "report.html"),
+                "tables": tables}, lambda: "\n".join(t.markdown() for t in report.tables))
+    note(args, f"report (rebuilt from MLflow): {out / 'report.md'} and {out / 'report.html'}")
     return 0
 
 
@@ -121,4 +145,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", default=None, help="report: MLflow tracking URI (default MLFLOW_TRACKING_URI)")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--server", default=os.environ.get("TRAINYARD_TRAIN_SERVER", "127.0.0.1:50053"))
+    add_output_options(p)
     p.set_defaults(func=_cmd_study)
