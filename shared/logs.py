@@ -59,7 +59,7 @@ class TextFormatter(logging.Formatter):
 
 def _value(value) -> str:
     """A field's value as one token: strings bare unless they need quotes, anything else as JSON (no reprs)."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = value if isinstance(value, str) else json.dumps(value, default=str, separators=(",", ":"))
     return json.dumps(text) if not text or any(c.isspace() or c in "\"=" for c in text) else text
 
 

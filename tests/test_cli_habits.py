@@ -284,6 +284,18 @@ def test_predict_as_json(env, tmp_path):
     assert lines[1].split()[1::2] == [t["label"] for t in records[0]["top"]]
 
 
+def test_json_output_turns_non_finite_numbers_into_null(capsys):
+    # a diverged run's loss is NaN; Python would print NaN, which is not JSON (jq refuses it)
+    from argparse import Namespace
+
+    from cli.output import emit
+
+    emit(Namespace(output_format="json"), {"metrics": {"train_loss": float("nan"), "val_acc": 0.5},
+                                           "curve": [float("inf"), 1.0]}, "unused")
+    assert json.loads(capsys.readouterr().out) == {"metrics": {"train_loss": None, "val_acc": 0.5},
+                                                   "curve": [None, 1.0]}
+
+
 # -- logs --------------------------------------------------------------------------------------------------------
 
 RENDER = ["--log-level", "INFO", "render", "digits", "--count", "20", "--test-count", "4", "--workers", "1",
@@ -315,6 +327,28 @@ def test_log_format_json_on_a_terminal_when_asked(env, tmp_path):
                                     str(tmp_path / "d")], env)
     assert code == 0, shown
     assert any(json.loads(line)["msg"] == "digits rendered" for line in shown.splitlines() if line)
+
+
+def test_text_log_lines_keep_each_field_one_token_and_show_tracebacks():
+    import io
+    import logging
+
+    from shared import logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    log = logging.getLogger("t")  # its own handler: the test process's logging stays as pytest set it
+    log.addHandler(handler)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed", extra={"where": "a b", "n": 3, "shape": [1, 2], "empty": ""})
+    finally:
+        log.removeHandler(handler)
+    first, *rest = stream.getvalue().splitlines()
+    assert TEXT_LINE.match(first) and first.endswith('t: failed  where="a b" n=3 shape=[1,2] empty=""'), first
+    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
 
 
 def test_services_log_json_even_on_a_terminal(env):
