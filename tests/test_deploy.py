@@ -7,6 +7,7 @@ the stack needs). The images and skaffold are in test_deploy_images.py.
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 
 import helm_python as helm
@@ -25,6 +26,7 @@ from tests.harness.kube import (
     admits,
     docs,
     find,
+    job_pod_labels,
     kustomize_with_credentials,
     pod_labels,
     pod_spec,
@@ -56,23 +58,25 @@ def test_kustomize_builds_and_validates_strictly(kustomized):
         if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == NAMESPACE, f"{obj['kind']}/{obj['metadata']['name']}"
     kinds = {(o["kind"], o["metadata"]["name"]) for o in kustomized}
-    for expected in [("Namespace", NAMESPACE), ("StatefulSet", "minio"), ("Job", "minio-buckets"),
-                     ("Deployment", "mlflow"), ("Deployment", "prometheus"), ("Deployment", "pushgateway"),
+    for expected in [("Namespace", NAMESPACE), ("StatefulSet", "trainyard-minio"), ("Job", "trainyard-minio-buckets"),
+                     ("Deployment", "trainyard-mlflow"), ("Deployment", "trainyard-prometheus"),
+                     ("Deployment", "trainyard-pushgateway"),
                      ("ConfigMap", "trainyard-config"),
                      ("ServiceAccount", "trainyard-train-job"), ("Role", "trainyard-train-jobs")]:
         assert expected in kinds
     # No credentials ship in k8s/: k8s/credentials generates them (test_deploy_security.py).
     assert not [o for o in kustomized if o["kind"] == "Secret"]
     for name in SERVICES:
-        for expected in [("Deployment", name), ("Service", name), ("ServiceAccount", f"trainyard-{name}")]:
+        for expected in [("Deployment", f"trainyard-{name}"), ("Service", f"trainyard-{name}"),
+                         ("ServiceAccount", f"trainyard-{name}")]:
             assert expected in kinds
 
 
 def test_strict_validation_catches_mistakes(kustomized):
     # Guards every schema check here: a misspelt field and a wrong type must both be reported.
-    dep = copy.deepcopy(find(kustomized, "Deployment", "render"))
+    dep = copy.deepcopy(find(kustomized, "Deployment", "trainyard-render"))
     pod_spec(dep)["containers"][0]["readinesProbe"] = pod_spec(dep)["containers"][0].pop("readinessProbe")
-    svc = copy.deepcopy(find(kustomized, "Service", "render"))
+    svc = copy.deepcopy(find(kustomized, "Service", "trainyard-render"))
     svc["spec"]["ports"][0]["port"] = "grpc-port"
     assert len(validate_strict([dep, svc])) == 2
 
@@ -122,7 +126,7 @@ def _check_workloads(objs: list[dict]) -> None:
                 assert "readinessProbe" in c and "livenessProbe" in c, where
         is_service = obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "service"
         if obj["kind"] == "Deployment" and is_service:
-            name = obj["metadata"]["name"]
+            name = labels["app.kubernetes.io/name"]
             (c,) = spec["containers"]
             probes = ["readinessProbe", "livenessProbe"] + (["startupProbe"] if name in SLOW_START else [])
             for probe in probes:
@@ -155,16 +159,16 @@ def test_config_and_secret_agree_between_chart_and_kustomize(kustomized, rendere
     assert k_cfg == h_cfg
     assert set(k_cfg) >= CONFIG_KEYS
     assert k_cfg["TRAINYARD_STORE"] == "s3://trainyard/artifacts"
-    assert k_cfg["TRAINYARD_S3_ENDPOINT"] == "minio:9000"
-    assert k_cfg["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert k_cfg["TRAINYARD_PUSHGATEWAY"] == "pushgateway:9091"
+    assert k_cfg["TRAINYARD_S3_ENDPOINT"] == "trainyard-minio:9000"
+    assert k_cfg["MLFLOW_TRACKING_URI"] == "http://trainyard-mlflow:5000"
+    assert k_cfg["TRAINYARD_PUSHGATEWAY"] == "trainyard-pushgateway:9091"
     assert k_cfg["TRAINYARD_HOME"] == "/tmp/trainyard"
     keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert set(find(rendered["default"], "Secret", "trainyard-s3")["stringData"]) == keys
     assert set(find(kustomize_with_credentials(tmp_path, "x" * 40), "Secret", "trainyard-s3")["data"]) == keys
     for objs in (kustomized, rendered["default"]):
         # The endpoints the ConfigMap names are Services of the stack.
-        for svc, port in [("minio", 9000), ("mlflow", 5000), ("pushgateway", 9091)]:
+        for svc, port in [("trainyard-minio", 9000), ("trainyard-mlflow", 5000), ("trainyard-pushgateway", 9091)]:
             assert port in {p["port"] for p in find(objs, "Service", svc)["spec"]["ports"]}
     # Same workloads either way.
     names = lambda objs: {(o["kind"], o["metadata"]["name"]) for o in workloads(objs)}  # noqa: E731
@@ -177,13 +181,13 @@ def test_gpu_requests_follow_the_values(rendered):
                 if "nvidia.com/gpu" in c["resources"].get("limits", {})}
 
     def train_env(objs):
-        (c,) = pod_spec(find(objs, "Deployment", "train"))["containers"]
+        (c,) = pod_spec(find(objs, "Deployment", "trainyard-train"))["containers"]
         return {e["name"]: e.get("value") for e in c["env"]}
 
     assert gpu_limited(rendered["default"]) == set()
     assert train_env(rendered["default"])["TRAINYARD_TRAIN_GPUS"] == "1"
-    assert gpu_limited(rendered["gpu"]) == {"inference"}
-    inference = pod_spec(find(rendered["gpu"], "Deployment", "inference"))
+    assert gpu_limited(rendered["gpu"]) == {"trainyard-inference"}
+    inference = pod_spec(find(rendered["gpu"], "Deployment", "trainyard-inference"))
     assert inference["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert any(t["key"] == "nvidia.com/gpu" for t in inference["tolerations"])
     assert train_env(rendered["gpu"])["TRAINYARD_TRAIN_GPUS"] == "1"
@@ -200,7 +204,8 @@ def test_external_minio_and_mlflow_replace_the_bundled_ones():
                     "s3": {"create": False}})
     assert validate_strict(objs) == []
     names = {o["metadata"]["name"] for o in objs}
-    assert not names & {"minio", "minio-headless", "minio-buckets", "mlflow", "mlflow-data", "minio-api"}
+    assert not names & {"trainyard-minio", "trainyard-minio-headless", "trainyard-minio-buckets", "trainyard-mlflow",
+                        "trainyard-mlflow-data", "trainyard-minio-api"}
     assert "trainyard-s3" not in names  # supplied by the operator
     cfg = find(objs, "ConfigMap", "trainyard-config")["data"]
     assert cfg["TRAINYARD_S3_ENDPOINT"] == "s3.example.internal:443"
@@ -212,10 +217,10 @@ def test_external_minio_and_mlflow_replace_the_bundled_ones():
 
 def test_disabled_service_disappears_everywhere():
     objs = render_chart({"services": {"benchmark": {"enabled": False}}})
-    gone = {"benchmark", "benchmark-metrics", "trainyard-benchmark"}
+    gone = {"trainyard-benchmark", "trainyard-benchmark-metrics"}
     assert not [o for o in objs if o["metadata"]["name"] in gone]
-    prom = yaml.safe_load(find(objs, "ConfigMap", "prometheus-config")["data"]["prometheus.yml"])
-    assert "benchmark-metrics" not in prom["scrape_configs"][0]["dns_sd_configs"][0]["names"]
+    prom = yaml.safe_load(find(objs, "ConfigMap", "trainyard-prometheus-config")["data"]["prometheus.yml"])
+    assert "trainyard-benchmark-metrics" not in prom["scrape_configs"][0]["dns_sd_configs"][0]["names"]
 
 
 def _check_rbac(objs: list[dict]) -> None:
@@ -246,17 +251,20 @@ def test_rbac_is_scoped_to_the_train_service(kustomized, rendered):
 
 def _check_network_flows(objs: list[dict]) -> None:
     policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
-    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
-    assert deny, "a default-deny ingress policy is expected"
-    # As services/train/k8s_backend.py labels the training pods (no part-of label there).
-    job_pod = {"app.kubernetes.io/name": "trainyard", "app.kubernetes.io/component": "train-worker"}
+    # As services/train/k8s_backend.py labels the training pods with the settings the train service is given (no
+    # part-of label there).
+    job_pod = job_pod_labels(objs)
     stranger = {"app": "something-else"}
-    svc = {n: pod_labels(objs, "Deployment", n) for n in SERVICES}
-    minio = pod_labels(objs, "StatefulSet", "minio")
-    mlflow = pod_labels(objs, "Deployment", "mlflow")
-    prom = pod_labels(objs, "Deployment", "prometheus")
-    push = pod_labels(objs, "Deployment", "pushgateway")
-    buckets = pod_labels(objs, "Job", "minio-buckets")
+    svc = {n: pod_labels(objs, "Deployment", f"trainyard-{n}") for n in SERVICES}
+    minio = pod_labels(objs, "StatefulSet", "trainyard-minio")
+    mlflow = pod_labels(objs, "Deployment", "trainyard-mlflow")
+    prom = pod_labels(objs, "Deployment", "trainyard-prometheus")
+    push = pod_labels(objs, "Deployment", "trainyard-pushgateway")
+    buckets = pod_labels(objs, "Job", "trainyard-minio-buckets")
+    # Ingress is denied by default to every pod of the stack.
+    deny = [p for p in policies if not p["spec"].get("ingress")]
+    for pod in [*svc.values(), minio, mlflow, prom, push, buckets, job_pod]:
+        assert any(selector_matches(p["spec"]["podSelector"], pod) for p in deny), pod
     needed = [(svc["train"], minio, 9000), (job_pod, minio, 9000), (mlflow, minio, 9000),
               (buckets, minio, 9000), (svc["train"], mlflow, 5000), (job_pod, mlflow, 5000),
               (job_pod, push, 9091), (prom, push, 9091), (job_pod, job_pod, 29500),
@@ -290,7 +298,7 @@ def test_network_policies_admit_only_the_needed_flows(kustomized, rendered):
 
 def test_prometheus_config_is_valid_and_scrapes_every_service(kustomized, rendered, tmp_path):
     for label, objs in (("k8s", kustomized), ("chart", rendered["default"])):
-        text = find(objs, "ConfigMap", "prometheus-config")["data"]["prometheus.yml"]
+        text = find(objs, "ConfigMap", "trainyard-prometheus-config")["data"]["prometheus.yml"]
         cfg = tmp_path / f"{label}.yml"
         cfg.write_text(text)
         out = subprocess.run(["promtool", "check", "config", "--syntax-only", str(cfg)], capture_output=True,
@@ -299,9 +307,14 @@ def test_prometheus_config_is_valid_and_scrapes_every_service(kustomized, render
         prom = yaml.safe_load(text)
         jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
         sd = jobs["trainyard-services"]["dns_sd_configs"][0]
-        assert sorted(sd["names"]) == sorted(f"{n}-metrics" for n in SERVICES) and sd["port"] == 9090
+        assert sorted(sd["names"]) == sorted(f"trainyard-{n}-metrics" for n in SERVICES) and sd["port"] == 9090
+        # Each target's `service` label is the service's short name, as the dashboards and alerts expect.
+        (relabel,) = jobs["trainyard-services"]["relabel_configs"]
+        assert relabel["target_label"] == "service"
+        for name in sd["names"]:
+            assert re.fullmatch(relabel["regex"], f"{name}.{NAMESPACE}.svc.cluster.local")[1] in SERVICES
         for n in SERVICES:
-            headless = find(objs, "Service", f"{n}-metrics")["spec"]
+            headless = find(objs, "Service", f"trainyard-{n}-metrics")["spec"]
             assert headless["clusterIP"] == "None" and headless["ports"][0]["port"] == 9090
         assert jobs["pushgateway"]["honor_labels"] is True
 
@@ -343,7 +356,7 @@ def test_backend_jobs_fit_the_namespace(kustomized):
     assert selector_matches({"matchLabels": workers["selector"]}, pod)
     assert backend.RENDEZVOUS_PORT in {p["port"] for p in workers["ports"]}
     policies = [o for o in kustomized if o["kind"] == "NetworkPolicy"]
-    for dst_kind, dst, port in [("StatefulSet", "minio", 9000), ("Deployment", "mlflow", 5000),
-                                ("Deployment", "pushgateway", 9091)]:
+    for dst_kind, dst, port in [("StatefulSet", "trainyard-minio", 9000), ("Deployment", "trainyard-mlflow", 5000),
+                                ("Deployment", "trainyard-pushgateway", 9091)]:
         assert admits(policies, pod, pod_labels(kustomized, dst_kind, dst), port), dst
     assert admits(policies, pod, pod, backend.RENDEZVOUS_PORT)

@@ -12,7 +12,19 @@ import helm_python as helm
 import pytest
 import yaml
 
-from tests.harness.kube import BIN, CHART, GPU_SERVICES, K8S, NAMESPACE, ROOT, SERVICES, find, pod_spec, workloads
+from tests.harness.kube import (
+    BIN,
+    CHART,
+    GPU_SERVICES,
+    K8S,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    SERVICES,
+    find,
+    pod_spec,
+    workloads,
+)
 
 
 @pytest.fixture(scope="module")
@@ -153,21 +165,25 @@ def test_skaffold_artifacts_exist_and_match_the_chart(skaffold, rendered, kustom
 
 def test_skaffold_profiles_resolve(skaffold):
     profiles = {p["name"]: p for p in skaffold["profiles"]}
-    assert set(profiles) >= {"gpu", "cpu", "kustomize"}
+    assert set(profiles) == {"gpu", "cpu", "kustomize-gpu", "kustomize-cpu"}
     for name in ("gpu", "cpu"):
         cfg = _apply_patches(skaffold, profiles[name]["patches"])
         (values_file,) = cfg["deploy"]["helm"]["releases"][0]["valuesFiles"]
         assert (ROOT / values_file).resolve() == CHART / f"values-{name}.yaml"
-    kz = profiles["kustomize"]
-    cfg = _apply_patches(skaffold, kz["patches"])
-    assert "helm" not in cfg["deploy"] and "kubectl" in kz["deploy"]
-    # The stack plus the credentials Secret k8s/credentials generates; k8s/ alone has no password.
-    assert [(ROOT / p).resolve() for p in kz["manifests"]["kustomize"]["paths"]] == [K8S / "credentials"]
+        kz = profiles[f"kustomize-{name}"]
+        cfg = _apply_patches(skaffold, kz["patches"])
+        assert "helm" not in cfg["deploy"] and "kubectl" in kz["deploy"]
+        # The overlay: the stack, the credentials Secret k8s/credentials generates and the images it pins.
+        assert [(ROOT / p).resolve() for p in kz["manifests"]["kustomize"]["paths"]] == [K8S / "overlays" / name]
 
 
 def test_skaffold_port_forwards_reach_real_ports(skaffold, rendered, kustomized):
     forwards = {(f["resourceName"], f["port"]): f["localPort"] for f in skaffold["portForward"]}
-    assert forwards == {("mlflow", 5000): 5000, ("minio", 9001): 9001, ("inference", 50051): 50055}
+    assert forwards == {("trainyard-mlflow", 5000): 5000, ("trainyard-minio", 9001): 9001,
+                        ("trainyard-inference", 50051): 50055}
+    # The release whose objects these are.
+    (release,) = skaffold["deploy"]["helm"]["releases"]
+    assert release["name"] == RELEASE
     for objs in (rendered["default"], kustomized):
         for (svc, port), _ in forwards.items():
             assert port in {p["port"] for p in find(objs, "Service", svc)["spec"]["ports"]}

@@ -74,7 +74,7 @@ def test_chart_takes_given_credentials_and_refuses_an_external_s3_without_them()
     assert find(objs, "Secret", "trainyard-s3")["stringData"] == {"AWS_ACCESS_KEY_ID": "ops",
                                                                   SECRET_KEY: "chosen-by-the-operator"}
     # MinIO's root user is those keys.
-    (minio,) = pod_spec(find(objs, "StatefulSet", "minio"))["containers"]
+    (minio,) = pod_spec(find(objs, "StatefulSet", "trainyard-minio"))["containers"]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in minio["env"] if "valueFrom" in e}
     assert refs["MINIO_ROOT_PASSWORD"] == {"name": "trainyard-s3", "key": SECRET_KEY}
     external = {"minio": {"enabled": False}, "externalS3": {"endpoint": "s3.example.internal:443", "secure": True}}
@@ -108,8 +108,8 @@ def test_network_policies_admit_inference_from_labelled_namespaces_only(both):
     for where, objs in both.items():
         policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
         assert validate_strict(policies) == [], where
-        inference = pod_labels(objs, "Deployment", "inference")
-        clients = find(objs, "NetworkPolicy", "inference-clients")["spec"]
+        inference = pod_labels(objs, "Deployment", "trainyard-inference")
+        clients = find(objs, "NetworkPolicy", "trainyard-inference-clients")["spec"]
         assert selector_matches(clients["podSelector"], inference), where
         (rule,) = clients["ingress"]
         assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"trainyard.io/inference-client": "true"}}}]
@@ -126,7 +126,7 @@ def test_chart_network_policy_values():
                                              "monitoringNamespace": ""}})
     assert validate_strict(objs) == []
     policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
-    inference = pod_labels(objs, "Deployment", "inference")
+    inference = pod_labels(objs, "Deployment", "trainyard-inference")
     assert admits(policies, {}, inference, 50051, same_namespace=False, src_namespace={"team": "vision"})
     assert not admits(policies, {}, inference, 9090, same_namespace=False,
                       src_namespace={"kubernetes.io/metadata.name": "monitoring"})
@@ -136,7 +136,7 @@ def test_chart_network_policy_values():
 
 def test_repository_token_comes_from_an_optional_secret(both, tmp_path):
     for where, objs in both.items():
-        (c,) = pod_spec(find(objs, "Deployment", "inference"))["containers"]
+        (c,) = pod_spec(find(objs, "Deployment", "trainyard-inference"))["containers"]
         ref = _env(c)["TRAINYARD_REPOSITORY_TOKEN"]["valueFrom"]["secretKeyRef"]
         # Optional: without the Secret the pod starts and load/unload are refused.
         assert ref == {"name": "trainyard-repository-token", "key": "token", "optional": True}, where
@@ -152,9 +152,9 @@ def test_chart_tls_value_wires_every_service(rendered):
     objs = render_chart({"tls": {"enabled": True, "secretName": "trainyard-certs"}})
     assert validate_strict(objs) == []
     deployments = _services(objs)
-    assert sorted(d["metadata"]["name"] for d in deployments) == sorted(SERVICES)
+    assert sorted(d["metadata"]["name"] for d in deployments) == sorted(f"trainyard-{n}" for n in SERVICES)
     for dep in deployments:
-        where = dep["metadata"]["name"]
+        where = dep["metadata"]["labels"]["app.kubernetes.io/name"]
         spec = pod_spec(dep)
         (c,) = spec["containers"]
         volumes = {v["name"]: v for v in spec["volumes"]}

@@ -5,12 +5,14 @@ environment variable, endpoints from the `trainyard-config` ConfigMap and S3 cre
 `trainyard-s3` Secret. A pod that is restarted (node loss, OOM, preemption) runs the same command
 with the same run id and so resumes from the newest complete checkpoint in the artifact store;
 ``backoffLimit`` bounds how often. ``replicas > 1`` becomes an Indexed Job whose pods run torchrun,
-rendezvousing at pod 0 through the headless Service `trainyard-train-workers`.
+rendezvousing at pod 0 through the headless Service `trainyard-train-workers`. A Helm release names these
+objects after itself and passes the names in TRAINYARD_TRAIN_JOB_SETTINGS (``settings_overrides``).
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from kubernetes import client as k8s
@@ -19,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from services.train.events import events_key, parse_events
 from services.train.runs import BackendStatus, RunRecord
-from shared.errors import FailedPrecondition, Unavailable
+from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.logs import get_logger
 from shared.storage import open_store
 
@@ -30,6 +32,7 @@ CONFIG_ENV = "TRAINYARD_RUN_CONFIG"
 RENDEZVOUS_SERVICE = "trainyard-train-workers"
 RENDEZVOUS_PORT = 29500
 COMPONENT = "train-worker"
+SETTINGS_ENV = "TRAINYARD_TRAIN_JOB_SETTINGS"
 
 
 @dataclass
@@ -51,10 +54,33 @@ class JobSettings:
     secret: str = "trainyard-s3"
     node_selector: dict[str, str] = field(default_factory=dict)
     gpu_tolerations: bool = True
+    workers_service: str = RENDEZVOUS_SERVICE
+    # Jobs are named <name_prefix>train-<run id>: each Helm release has its own prefix (10 characters at most), so
+    # the train services of two releases in one namespace never replace or cancel each other's Jobs.
+    name_prefix: str = ""
+    # On every Job and pod: a release's instance label, which its NetworkPolicies admit.
+    labels: dict[str, str] = field(default_factory=dict)
 
 
-def job_name(run_id: str) -> str:
-    return f"train-{run_id}"
+def settings_overrides(text: str | None) -> dict:
+    """JobSettings fields as a deployment sets them in TRAINYARD_TRAIN_JOB_SETTINGS (a JSON object); unknown fields
+    are refused, so a chart and a service that disagree fail at start-up rather than on the first Job."""
+    if not text:
+        return {}
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{SETTINGS_ENV} is not JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise InvalidArgument(f"{SETTINGS_ENV} must be a JSON object of Job settings")
+    unknown = sorted(set(values) - {f.name for f in fields(JobSettings)})
+    if unknown:
+        raise InvalidArgument(f"{SETTINGS_ENV} names unknown Job settings: {', '.join(unknown)}")
+    return values
+
+
+def job_name(run_id: str, prefix: str = "") -> str:
+    return f"{prefix}train-{run_id}"
 
 
 def worker_args(record: RunRecord) -> list[str]:
@@ -66,11 +92,12 @@ def worker_args(record: RunRecord) -> list[str]:
 
 def build_job(record: RunRecord, settings: JobSettings) -> k8s.V1Job:
     """The Job object for one run (pure: no API calls), also what `k8s/train-job.yaml` is checked against."""
-    name = job_name(record.run_id)
+    name = job_name(record.run_id, settings.name_prefix)
     labels = {
         "app.kubernetes.io/name": "trainyard",
         "app.kubernetes.io/component": COMPONENT,
         RUN_ID_LABEL: record.run_id,
+        **settings.labels,
         **record.labels,  # a study's trial: trainyard.io/study, trainyard.io/trial
     }
     env = [
@@ -83,7 +110,7 @@ def build_job(record: RunRecord, settings: JobSettings) -> k8s.V1Job:
                 field_path="metadata.annotations['batch.kubernetes.io/job-completion-index']"))))
         command = ["torchrun"]
         args = [f"--nnodes={record.replicas}", "--nproc-per-node=1", "--node-rank=$(JOB_COMPLETION_INDEX)",
-                f"--master-addr={name}-0.{RENDEZVOUS_SERVICE}", f"--master-port={RENDEZVOUS_PORT}",
+                f"--master-addr={name}-0.{settings.workers_service}", f"--master-port={RENDEZVOUS_PORT}",
                 *worker_args(record)]
     else:
         command = ["python"]
@@ -128,7 +155,7 @@ def build_job(record: RunRecord, settings: JobSettings) -> k8s.V1Job:
         containers=[container],
         node_selector=settings.node_selector or None,
         tolerations=tolerations,
-        subdomain=RENDEZVOUS_SERVICE if record.replicas > 1 else None,
+        subdomain=settings.workers_service if record.replicas > 1 else None,
         security_context=k8s.V1PodSecurityContext(
             run_as_non_root=True, run_as_user=10001, run_as_group=10001, fs_group=10001,
             seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
@@ -176,7 +203,7 @@ class KubernetesBackend:
         pass  # Jobs live in the cluster, which queues and runs them whether this service runs or not
 
     def launch(self, record: RunRecord, run_dir: Path) -> dict:
-        name = job_name(record.run_id)
+        name = job_name(record.run_id, self.settings.name_prefix)
         # A resumed run reuses its id: the previous attempt's Job must be gone, pods included, before the new one
         # is created (else two workers train one run). Foreground deletion keeps the Job until its pods are
         # deleted; its absence is polled for, as a watch opened after the delete may never see the DELETED event.
@@ -210,7 +237,7 @@ class KubernetesBackend:
             time.sleep(self.poll_s)
 
     def status(self, record: RunRecord) -> BackendStatus:
-        name = job_name(record.run_id)
+        name = job_name(record.run_id, self.settings.name_prefix)
         try:
             job = self.batch.read_namespaced_job_status(name, self.settings.namespace)
         except ApiException as exc:
@@ -250,13 +277,13 @@ class KubernetesBackend:
         """Block until the Job changes or ``timeout_s`` passes (a watch, not a poll)."""
         stream = k8s_watch.Watch()
         for _ in stream.stream(self.batch.list_namespaced_job, self.settings.namespace,
-                               field_selector=f"metadata.name={job_name(record.run_id)}",
+                               field_selector=f"metadata.name={job_name(record.run_id, self.settings.name_prefix)}",
                                timeout_seconds=max(1, int(timeout_s))):
             stream.stop()
             return
 
     def cancel(self, record: RunRecord) -> None:
-        name = job_name(record.run_id)
+        name = job_name(record.run_id, self.settings.name_prefix)
         try:
             self.batch.delete_namespaced_job(name, self.settings.namespace, propagation_policy="Foreground")
         except ApiException as exc:

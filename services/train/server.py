@@ -1,12 +1,14 @@
 """gRPC servicer of the train service: thin, it delegates to the run registry (runs.py) and its backends."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+from dataclasses import replace
 
 import grpc
 
-from services.train.k8s_backend import JobSettings, KubernetesBackend
+from services.train.k8s_backend import SETTINGS_ENV, JobSettings, KubernetesBackend, settings_overrides
 from services.train.local_backend import LocalBackend
 from services.train.runs import RunManager, RunView, UnavailableBackend
 from services.train.studies.manager import StudyManager, StudyRecord
@@ -127,21 +129,31 @@ def build_studies(manager: RunManager) -> StudyManager:
     return StudyManager(manager, open_store())
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None,
+               env: dict[str, str] | None = None) -> tuple[argparse.Namespace, JobSettings]:
+    """The service's arguments and its training Jobs' settings, from its flags and environment (``os.environ`` by
+    default): what a deployment sets is what the Jobs get (tests/test_deploy*.py read a rendered pod through this)."""
+    env = os.environ if env is None else env
     parser = service_arg_parser("train")
     parser.add_argument("--default-backend", default="local", choices=["local", "kubernetes"])
     parser.add_argument("--max-concurrent", type=int, default=1, help="local runs at once")
-    parser.add_argument("--namespace", default=os.environ.get("TRAINYARD_NAMESPACE", "trainyard"),
+    parser.add_argument("--namespace", default=env.get("TRAINYARD_NAMESPACE", "trainyard"),
                         help="namespace of the training Jobs")
-    parser.add_argument("--train-image", default=os.environ.get("TRAINYARD_TRAIN_IMAGE", "trainyard-train:latest"),
+    parser.add_argument("--train-image", default=env.get("TRAINYARD_TRAIN_IMAGE", "trainyard-train:latest"),
                         help="image of the training Jobs")
-    parser.add_argument("--gpus", type=int, default=int(os.environ.get("TRAINYARD_TRAIN_GPUS", "1")),
+    parser.add_argument("--gpus", type=int, default=int(env.get("TRAINYARD_TRAIN_GPUS", "1")),
                         help="nvidia.com/gpu per training pod (0 for CPU-only clusters)")
     args = parser.parse_args(argv)
-    job_settings = JobSettings(namespace=args.namespace, image=args.train_image, gpus_per_pod=args.gpus)
+    settings = replace(JobSettings(namespace=args.namespace, image=args.train_image, gpus_per_pod=args.gpus),
+                       **settings_overrides(env.get(SETTINGS_ENV)))
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, settings = parse_args(argv)
 
     def register(server: grpc.Server) -> list[str]:
-        manager = build_manager(args.default_backend, args.max_concurrent, job_settings)
+        manager = build_manager(args.default_backend, args.max_concurrent, settings)
         train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(manager, build_studies(manager)),
                                                           server)
         return [train_pb2.DESCRIPTOR.services_by_name["TrainService"].full_name]
