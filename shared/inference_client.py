@@ -168,6 +168,15 @@ class InferenceClient:
     def model_metadata(self, model: str, version: str | int | None = None) -> pb.ModelMetadataResponse:
         return self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=_v(version)))
 
+    def model_config(self, model: str, version: str | int | None = None) -> pb.ModelConfig:
+        """What the server applies to the model (Triton's ModelConfig): max_batch_size, queue delay, tensors."""
+        return self._call("ModelConfig", pb.ModelConfigRequest(name=model, version=_v(version))).config
+
+    def model_statistics(self, model: str = "", version: str | int | None = None) -> list[pb.ModelStatistics]:
+        """Triton's inference statistics of every loaded model (no name), every loaded version of ``model``, or one."""
+        request = pb.ModelStatisticsRequest(name=model, version=_v(version))
+        return list(self._call("ModelStatistics", request).model_stats)
+
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         resp = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready_only))
         return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in resp.models]
@@ -247,7 +256,8 @@ class InferenceClient:
 
     def classify(self, model: str, images: Iterable, version: str | int | None = None, top_k: int = 5,
                  batch_size: int = 32, sources: Sequence[str] | None = None) -> list[Prediction]:
-        """Top-k (label, confidence) for each image, sent ``batch_size`` images per request.
+        """Top-k (label, confidence) for each image, sent ``batch_size`` images per request (at most the model's
+        max_batch_size, which the server refuses to exceed).
 
         An image is a uint8 array (H, W) or (H, W, C), a PIL image, encoded file bytes, or a file path.
         Encoded images and arrays of different sizes may be mixed; each request carries one kind.
@@ -257,6 +267,7 @@ class InferenceClient:
         items = [_as_item(img) for img in images]
         if not items:
             raise errors.InvalidArgument("no images to classify")
+        batch_size = min(batch_size, self._max_batch_size(model, version, batch_size))
         names = list(sources) if sources is not None else [str(i) for i in range(len(items))]
         results: list[Prediction | None] = [None] * len(items)
         for start in range(0, len(items), batch_size):
@@ -275,6 +286,12 @@ class InferenceClient:
                     top = [(lab, float(confidences[row, r])) for r, lab in enumerate(res.labels[row])]
                     results[i] = Prediction(names[i], top, res.model, res.version)
         return results
+
+    def _max_batch_size(self, model: str, version: str | int | None, default: int) -> int:
+        try:
+            return self.model_config(model, version).max_batch_size or default
+        except errors.Unimplemented:  # a server without the model-configuration extension
+            return default
 
     def classify_files(self, model: str, paths: Iterable[str | Path], version: str | int | None = None,
                        top_k: int = 5, batch_size: int = 32) -> list[Prediction]:

@@ -30,6 +30,9 @@ log = get_logger(__name__)
 MODELS_ROOT = "models"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
+# Bounds of a card's serving settings (and of a load request's config override).
+MAX_SERVING_BATCH = 4096
+MAX_SERVING_DELAY_MS = 10_000.0
 
 
 class Normalization(BaseModel):
@@ -37,6 +40,17 @@ class Normalization(BaseModel):
 
     mean: list[float]
     std: list[float]
+
+
+class Serving(BaseModel):
+    """How the inference server batches this model; an unset field falls back to the server's flag
+    (``--max-batch-size`` / ``--max-queue-delay-ms``). The bounds keep a card from opening the server to
+    requests of unbounded size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(None, ge=1, le=MAX_SERVING_BATCH)
+    max_queue_delay_ms: float | None = Field(None, ge=0, le=MAX_SERVING_DELAY_MS)
 
 
 class ModelCard(BaseModel):
@@ -75,6 +89,8 @@ class ModelCard(BaseModel):
     files: list[str] = Field(default_factory=list)
     # Captioning: how text is generated when served (max_new_tokens, num_beams, length_penalty, prompt).
     generation: dict[str, Any] = Field(default_factory=dict)
+    # Dynamic batching when served (absent in cards written before it existed: the server's flags apply).
+    serving: Serving | None = None
 
     @field_validator("name")
     @classmethod

@@ -3,6 +3,7 @@ only (as a KServe/Triton client would), real models from a real artifact store, 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import struct
@@ -42,15 +43,17 @@ AUTHORIZED = (("authorization", f"Bearer {TOKEN}"),)
 
 
 def publish_random(store, name: str, seed: int, *, in_chans: int = 1, size: int = 28,
-                   classes: list[str] | None = None, mean=None, std=None) -> int:
-    """Publish a fixed-seed mnist_ultralight (GAP head, so any input size works) as the next version."""
+                   classes: list[str] | None = None, mean=None, std=None, serving: dict | None = None) -> int:
+    """Publish a fixed-seed mnist_ultralight (GAP head, so any input size works) as the next version;
+    ``serving``: the card's batching settings."""
     classes = classes or [str(i) for i in range(10)]
     torch.manual_seed(seed)
     kwargs = {"num_classes": len(classes), "in_chans": in_chans, "gap_head": True}
     model = create_model("mnist_ultralight", **kwargs)
     card = ModelCard(name=name, version=0, architecture="mnist_ultralight", model_kwargs=kwargs, classes=classes,
                      input_size=[in_chans, size, size], run_id=f"seed-{seed}",
-                     normalization={"mean": mean or MNIST_MEAN * in_chans, "std": std or MNIST_STD * in_chans})
+                     normalization={"mean": mean or MNIST_MEAN * in_chans, "std": std or MNIST_STD * in_chans},
+                     serving=serving)
     version, _ = publish_model(store, card, save(model.state_dict()))
     return version
 
@@ -421,6 +424,21 @@ def test_dynamic_batching_merges_concurrent_requests(tmp_path):
         assert metric(body, "trainyard_inference_compute_seconds_count", **labels) == batches
         assert metric(body, "trainyard_inference_queue_seconds_count", **labels) == 16
         assert metric(body, "trainyard_inference_requests_total", status="OK", **labels) == 16
+
+        # Triton's statistics agree: every request queued and credited with its batch's forward pass.
+        with channel(address) as ch:
+            stats = inference_pb2_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+                pb.ModelStatisticsRequest(name="batched")).model_stats
+        (s,) = stats
+        assert (s.name, s.version, s.inference_count, s.execution_count) == ("batched", "1", 16, batches)
+        inference = s.inference_stats
+        assert [d.count for d in (inference.success, inference.queue, inference.compute_input,
+                                  inference.compute_infer, inference.compute_output)] == [16] * 5
+        assert sum(b.batch_size * b.compute_infer.count for b in s.batch_stats) == 16
+        assert sum(b.compute_infer.count for b in s.batch_stats) == batches
+        # Each request is credited with its batch's forward pass: one sample per request, so a batch of b
+        # samples counts its duration b times.
+        assert inference.compute_infer.ns == sum(b.batch_size * b.compute_infer.ns for b in s.batch_stats)
     finally:
         host.stop(grace=2)
         repo.close()
@@ -535,3 +553,35 @@ def test_all_newest_at_startup_with_int8_quantization(tmp_path):
     assert parse_model_specs(" a , b:3 ") == [ModelRef("a"), ModelRef("b", 3)] and parse_model_specs("") == []
     with pytest.raises(InvalidArgument, match="positive integer"):
         parse_model_specs("a:x")
+
+
+def test_batching_settings_per_model(tmp_path):
+    """A load request's override beats the card's serving fields, which beat the server's flags; a card written
+    before serving fields existed still loads, with the flags."""
+    from shared.errors import IntegrityError
+    from shared.modelcard import Serving
+
+    store = open_store(tmp_path / "store")
+    publish_random(store, "plain", seed=1)
+    publish_random(store, "carded", seed=2, serving={"max_batch_size": 3})
+    written = json.loads(ModelCard(
+        name="old", version=1, architecture="mnist_ultralight", model_kwargs={}, classes=["a"], input_size=[1, 8, 8],
+        run_id="r", normalization={"mean": [0.0], "std": [1.0]}).to_json())
+    del written["serving"]  # as cards were written before the field
+    assert ModelCard.from_json(json.dumps(written)).serving is None
+    with pytest.raises(IntegrityError, match="serving.max_batch_size"):
+        ModelCard.from_json(json.dumps({**written, "serving": {"max_batch_size": 0}}))
+    repo = ModelRepository(store, max_batch_size=16, max_queue_delay_ms=4.0)
+    try:
+        plain, carded = repo.load("plain"), repo.load("carded")
+        assert (plain.batching.max_batch_size, plain.batching.max_queue_delay_ms) == (16, 4.0)
+        assert (carded.batching.max_batch_size, carded.batching.max_queue_delay_ms) == (3, 4.0)
+        # Re-batching a loaded model keeps the model (and its statistics), changes only what was given.
+        again = repo.load("carded", serving=Serving(max_queue_delay_ms=0.5))
+        assert again is carded and (again.batching.max_batch_size, again.batching.max_queue_delay_ms) == (3, 0.5)
+        x = torch.zeros(3, 1, 28, 28)
+        assert again.infer(x)["probabilities"].shape == (3, 10)
+        with pytest.raises(InvalidArgument, match="max_batch_size 3"):
+            again.infer(torch.zeros(4, 1, 28, 28))
+    finally:
+        repo.close()

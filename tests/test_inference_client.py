@@ -27,9 +27,11 @@ def server(tmp_path_factory):
     publish_random(store, "client-digits", seed=22)
     publish_random(store, "client-rgb", seed=23, in_chans=3, size=32, classes=RGB_CLASSES,
                    mean=[0.5] * 3, std=[0.25] * 3)
+    publish_random(store, "client-small", seed=24, serving={"max_batch_size": 2})
     repo = ModelRepository(store, max_batch_size=8, max_queue_delay_ms=1.0)
     metrics_port = free_ports(1)[0]
-    host, _ = start_server(repo, [ModelRef("client-digits", 1), ModelRef("client-digits", 2), ModelRef("client-rgb")],
+    host, _ = start_server(repo, [ModelRef("client-digits", 1), ModelRef("client-digits", 2), ModelRef("client-rgb"),
+                                  ModelRef("client-small")],
                            metrics_port=metrics_port, repository_token=TOKEN)
     address = f"127.0.0.1:{host.port}"
     wait_serving(address, deadline_s=60)
@@ -81,6 +83,21 @@ def test_infer_and_versions_and_repository(server):
             client.classify("client-rgb", [rgb[0].astype(np.float32)])
     with InferenceClient("127.0.0.1:1", timeout=2) as dead, pytest.raises(Unavailable, match="127.0.0.1:1"):
         dead.server_live()
+
+
+def test_config_statistics_and_batches_split_to_the_models_max(server):
+    images, _ = digits_nhwc(5, seed=32)
+    with InferenceClient(server["address"]) as client:
+        config = client.model_config("client-small")
+        # The card's max_batch_size, the server's queue delay (the card sets none).
+        assert (config.max_batch_size, config.dynamic_batching.max_queue_delay_microseconds) == (2, 1000)
+        assert client.model_config("client-digits", 1).max_batch_size == 8
+        preds = client.classify("client-small", list(images), top_k=1, batch_size=32)
+        assert len(preds) == 5
+        (stats,) = client.model_statistics("client-small")
+    # Five images in requests of at most 2: three requests, all served.
+    assert (stats.inference_count, stats.inference_stats.success.count, stats.inference_stats.fail.count) == (5, 3, 0)
+    assert {b.batch_size for b in stats.batch_stats} == {1, 2}
 
 
 def test_cmd_predict_on_a_folder_of_pngs(server, tmp_path):

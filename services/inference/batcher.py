@@ -8,7 +8,8 @@ on the caller's thread. Forward passes take turns in arrival order (a FIFO lock)
 can starve the others. With ``max_batch_size=1`` requests simply run one after another: the no-batching
 baseline.
 
-Time spent queued and time spent computing are separate Prometheus histograms, next to the batch size.
+Time spent queued and time spent computing are separate Prometheus histograms, next to the batch size; the
+same timings go into the model's Triton-style statistics (``services.inference.statistics``).
 """
 from __future__ import annotations
 
@@ -18,47 +19,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from prometheus_client import REGISTRY, Counter, Histogram
 
+from services.inference.metrics import families
+from services.inference.statistics import ModelStats
 from shared.errors import InvalidArgument, Unavailable
 from shared.logs import get_logger
 
 log = get_logger(__name__)
-
-_TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                 5.0, 10.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class _Families:
-    """Process-wide metric families (a registry accepts each name once; tests run several servers)."""
-
-    def __init__(self) -> None:
-        self.queue = Histogram("trainyard_inference_queue_seconds",
-                               "Time a request waited in the model's queue before its batch started.",
-                               ["model", "version"], buckets=_TIME_BUCKETS, registry=REGISTRY)
-        self.compute = Histogram("trainyard_inference_compute_seconds",
-                                 "Forward-pass time of one (dynamic) batch.",
-                                 ["model", "version"], buckets=_TIME_BUCKETS, registry=REGISTRY)
-        self.batch_size = Histogram("trainyard_inference_batch_size",
-                                    "Samples per executed batch.",
-                                    ["model", "version"], buckets=_BATCH_BUCKETS, registry=REGISTRY)
-        self.requests = Counter("trainyard_inference_requests",
-                                "ModelInfer requests by model and final status.",
-                                ["model", "version", "status"], registry=REGISTRY)
-
-
-_families: _Families | None = None
-_families_lock = threading.Lock()
-
-
-def families() -> _Families:
-    global _families
-    with _families_lock:
-        if _families is None:
-            _families = _Families()
-        return _families
-
 
 class _Request:
     __slots__ = ("x", "n", "enqueued", "done", "result", "error")
@@ -66,7 +33,7 @@ class _Request:
     def __init__(self, x: torch.Tensor):
         self.x = x
         self.n = x.shape[0]
-        self.enqueued = time.perf_counter()
+        self.enqueued = time.perf_counter_ns()
         self.done = threading.Event()
         self.result: torch.Tensor | None = None
         self.error: BaseException | None = None
@@ -105,10 +72,12 @@ class DynamicBatcher:
     """
 
     def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int,
-                 max_queue_delay_ms: float, model: str, version: str):
+                 max_queue_delay_ms: float, model: str, version: str, stats: ModelStats):
         self._run = run
         self.max_batch_size = max_batch_size
-        self._delay = max_queue_delay_ms / 1000.0
+        self.max_queue_delay_ms = max_queue_delay_ms
+        self._delay_ns = round(max_queue_delay_ms * 1_000_000)
+        self._stats = stats
         self._queue: collections.deque[_Request] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -161,7 +130,7 @@ class DynamicBatcher:
                 self._cv.wait()
             batch = [self._queue.popleft()]
             n = batch[0].n
-            deadline = batch[0].enqueued + self._delay
+            deadline = batch[0].enqueued + self._delay_ns
             while n < self.max_batch_size:
                 if self._queue:
                     if n + self._queue[0].n > self.max_batch_size:
@@ -170,10 +139,10 @@ class DynamicBatcher:
                     batch.append(req)
                     n += req.n
                     continue
-                remaining = deadline - time.perf_counter()
+                remaining = deadline - time.perf_counter_ns()
                 if remaining <= 0 or self._closed:
                     break
-                self._cv.wait(remaining)
+                self._cv.wait(remaining / 1e9)
             return batch
 
     def _loop(self) -> None:
@@ -184,13 +153,16 @@ class DynamicBatcher:
 
     def _execute(self, batch: list[_Request]) -> None:
         with self._run_lock:
-            started = time.perf_counter()
-            for req in batch:
-                self._queue_hist.observe(started - req.enqueued)
+            started = time.perf_counter_ns()
+            waits = [started - req.enqueued for req in batch]
+            for wait in waits:
+                self._queue_hist.observe(wait / 1e9)
             try:
                 x = batch[0].x if len(batch) == 1 else torch.cat([r.x for r in batch])
+                merged = time.perf_counter_ns()
                 out = self._run(x)
-                self._compute_hist.observe(time.perf_counter() - started)
+                computed = time.perf_counter_ns()
+                self._compute_hist.observe((computed - merged) / 1e9)
                 self._batch_hist.observe(x.shape[0])
                 offset = 0
                 for req in batch:
@@ -198,6 +170,8 @@ class DynamicBatcher:
                     req.result = {k: v[offset:offset + req.n] for k, v in out.items()} if isinstance(out, dict) \
                         else out[offset:offset + req.n]
                     offset += req.n
+                self._stats.batch_executed(queue_ns=waits, batch_size=x.shape[0], input_ns=merged - started,
+                                           infer_ns=computed - merged, output_ns=time.perf_counter_ns() - computed)
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
                 log.exception("batch failed", extra={"requests": len(batch)})
                 for req in batch:

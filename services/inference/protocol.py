@@ -79,26 +79,11 @@ def int_param(p: pb.InferParameter, what: str) -> int:
     raise InvalidArgument(f"{what} must be an integer parameter")
 
 
-def repository_version(params) -> str | int | None:
-    """The ``version`` parameter of a repository load/unload request (string or int64), if any."""
-    if "version" not in params:
-        return None
-    p = params["version"]
-    kind = p.WhichOneof("parameter_choice")
-    if kind == "string_param":
-        return p.string_param
-    if kind == "int64_param":
-        return p.int64_param
-    raise InvalidArgument("parameter 'version' must be a string or int64")
-
-
-def string_param(params, key: str) -> str | None:
-    """A string parameter of a repository request, if given."""
-    if key not in params:
-        return None
-    if params[key].WhichOneof("parameter_choice") != "string_param":
-        raise InvalidArgument(f"parameter {key!r} must be a string")
-    return params[key].string_param or None
+def repository_params(params) -> dict[str, object]:
+    """A repository request's parameters (``map<string, ModelRepositoryParameter>``) as plain values, the form
+    the data plane takes from either wire."""
+    return {key: getattr(p, p.WhichOneof("parameter_choice")) for key, p in params.items()
+            if p.WhichOneof("parameter_choice") is not None}
 
 
 # ---------------------------------------------------------------------------------------------- inputs

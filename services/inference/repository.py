@@ -3,20 +3,32 @@ warmed up and served, several versions side by side.
 
 A model is READY only once its weights are loaded (sha256-verified, safetensors only) and one forward
 pass has run. A request without a version gets the newest loaded version.
+
+Each model is batched with its own settings: a load request's override (Triton's load ``config``), else the
+card's ``serving`` fields, else the server's flags; ``LoadedModel.batching`` is what is applied.
 """
 from __future__ import annotations
 
 import collections
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from services.inference.batcher import DynamicBatcher
+from services.inference.statistics import ModelStats
 from shared.errors import InvalidArgument, NotFound
 from shared.logs import get_logger
-from shared.modelcard import ModelCard, ModelRef, list_published, list_versions, load_published, parse_model_ref
+from shared.modelcard import (
+    ModelCard,
+    ModelRef,
+    Serving,
+    list_published,
+    list_versions,
+    load_published,
+    parse_model_ref,
+)
 from shared.names import validate_name
 from shared.predict import Signature, signature_for
 from shared.quantize import quantize_int8
@@ -48,6 +60,14 @@ def parse_model_specs(spec: str) -> list[ModelRef] | str:
     return [parse_model_ref(item) for item in filter(None, (s.strip() for s in spec.split(",")))]
 
 
+@dataclass(frozen=True)
+class Batching:
+    """The dynamic-batching settings applied to one loaded model."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -58,6 +78,7 @@ class LoadedModel:
     batcher: DynamicBatcher | None = None
     state: str = LOADING
     quantized: bool = False
+    stats: ModelStats = field(default_factory=ModelStats)
 
     @property
     def classes(self) -> list[str]:
@@ -74,6 +95,10 @@ class LoadedModel:
     def infer(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.batcher.submit(x)
 
+    @property
+    def batching(self) -> Batching:
+        return Batching(self.batcher.max_batch_size, self.batcher.max_queue_delay_ms)
+
 
 @dataclass
 class IndexEntry:
@@ -86,8 +111,8 @@ class IndexEntry:
 class ModelRepository:
     """Loads published models from ``store`` and keeps them ready for inference.
 
-    ``max_batch_size`` / ``max_queue_delay_ms`` configure every model's dynamic batcher; ``quantize``
-    applies int8 dynamic quantization on load.
+    ``max_batch_size`` / ``max_queue_delay_ms`` configure the dynamic batcher of every model whose card (or
+    load request) does not set its own; ``quantize`` applies int8 dynamic quantization on load.
     """
 
     def __init__(self, store, *, max_batch_size: int = 32, max_queue_delay_ms: float = 2.0,
@@ -133,9 +158,11 @@ class ModelRepository:
 
     # ---- load / unload
 
-    def load(self, name: str, version: int | None = None, alias: str | None = None) -> LoadedModel:
+    def load(self, name: str, version: int | None = None, alias: str | None = None,
+             serving: Serving | None = None) -> LoadedModel:
         """Load ``name`` (``version``; the version MLflow's registry gives ``alias``; else the newest published
-        one), warm it up, mark it READY. Idempotent."""
+        one), warm it up, mark it READY. Idempotent; ``serving`` overrides the card's batching settings, and
+        given for a loaded model it re-batches that model with them (queued requests finish first)."""
         validate_name(name, "model name")
         with self._load_lock:
             if version is None and alias is not None:
@@ -149,9 +176,11 @@ class ModelRepository:
             with self._lock:
                 existing = self._models.get(key)
             if existing is not None and existing.state == READY:
+                if serving is not None:
+                    self._rebatch(existing, self._batching(existing.card, serving))
                 return existing
             try:
-                loaded = self._build(name, version)
+                loaded = self._build(name, version, serving)
             except NotFound:
                 raise  # nothing published under that name: nothing to list as failed
             except Exception as exc:
@@ -168,7 +197,8 @@ class ModelRepository:
                 raise
             loaded.state = READY
             log.info("model ready", extra={"model": name, "version": version, "quantized": loaded.quantized,
-                                           "max_batch_size": self.max_batch_size})
+                                           "max_batch_size": loaded.batching.max_batch_size,
+                                           "max_queue_delay_ms": loaded.batching.max_queue_delay_ms})
             return loaded
 
     def unload(self, name: str, version: int | None = None) -> list[int]:
@@ -215,6 +245,12 @@ class ModelRepository:
             return False
         return True
 
+    def loaded(self, name: str | None = None) -> list[LoadedModel]:
+        """The READY models (of ``name``, or all), by name and version."""
+        with self._lock:
+            found = [m for (n, _), m in self._models.items() if m.state == READY and name in (None, n)]
+        return sorted(found, key=lambda m: (m.name, m.version))
+
     def loaded_versions(self, name: str) -> list[int]:
         with self._lock:
             return sorted(v for (n, v), m in self._models.items() if n == name and m.state == READY)
@@ -225,19 +261,43 @@ class ModelRepository:
 
     # ---- internals
 
-    def _build(self, name: str, version: int) -> LoadedModel:
+    def _batching(self, card: ModelCard, override: Serving | None) -> Batching:
+        """Each setting from the load request's override, else the card, else the server's flag."""
+        def pick(key: str, default):
+            for source in (override, card.serving):
+                value = getattr(source, key, None) if source is not None else None
+                if value is not None:
+                    return value
+            return default
+
+        return Batching(pick("max_batch_size", self.max_batch_size),
+                        pick("max_queue_delay_ms", self.max_queue_delay_ms))
+
+    def _batcher(self, loaded: LoadedModel, batching: Batching) -> DynamicBatcher:
+        return DynamicBatcher(loaded.forward, max_batch_size=batching.max_batch_size,
+                              max_queue_delay_ms=batching.max_queue_delay_ms, model=loaded.name,
+                              version=str(loaded.version), stats=loaded.stats)
+
+    def _build(self, name: str, version: int, serving: Serving | None = None) -> LoadedModel:
         module, card = load_published(self.store, name, version)
         if self.quantize:
             module, _ = quantize_int8(module)
         loaded = LoadedModel(name, version, card, module, signature_for(card, module), quantized=self.quantize)
-        loaded.batcher = DynamicBatcher(loaded.forward, max_batch_size=self.max_batch_size,
-                                        max_queue_delay_ms=self.max_queue_delay_ms, model=name,
-                                        version=str(version))
+        loaded.batcher = self._batcher(loaded, self._batching(card, serving))
         return loaded
+
+    def _rebatch(self, loaded: LoadedModel, batching: Batching) -> None:
+        if batching == loaded.batching:
+            return
+        old, loaded.batcher = loaded.batcher, self._batcher(loaded, batching)
+        old.close()  # its queued requests finish; new ones already go to the new batcher
+        log.info("model re-batched", extra={"model": loaded.name, "version": loaded.version,
+                                            "max_batch_size": batching.max_batch_size,
+                                            "max_queue_delay_ms": batching.max_queue_delay_ms})
 
     def _warm_up(self, loaded: LoadedModel) -> None:
         # The first forward pass allocates and picks kernels; it should not land on a client's request.
-        for n in sorted({1, min(self.max_batch_size, 8)}):
+        for n in sorted({1, min(loaded.batching.max_batch_size, 8)}):
             loaded.signature.check(loaded.forward(torch.zeros(n, *loaded.signature.input_shape)), n)
 
     def _record_failure(self, key: tuple[str, int], reason: str) -> None:
