@@ -109,7 +109,7 @@ def _hosts(objs: list[dict]) -> set[str]:
                     hosts |= set(sd["names"])
                 for static in job.get("static_configs", []):
                     hosts |= {t.split(":")[0] for t in static["targets"]} - {"localhost"}
-        elif obj["kind"] == "ConfigMap":
+        elif obj["kind"] == "ConfigMap" and _labels(obj)["app.kubernetes.io/name"] == "config":
             for key in ("TRAINYARD_S3_ENDPOINT", "MLFLOW_TRACKING_URI", "TRAINYARD_PUSHGATEWAY"):
                 value = obj["data"][key]
                 hosts.add(re.sub(r"^https?://", "", value).split(":")[0])
@@ -230,6 +230,18 @@ def test_training_jobs_reach_only_their_own_release(releases):
         render = find(mine, "Deployment", _full(mine, "render"))["spec"]["template"]["metadata"]["labels"]
         inference = find(theirs, "Deployment", _full(theirs, "inference"))["spec"]["template"]["metadata"]["labels"]
         assert not admits(policies, render, inference, 50051)
+
+
+def test_train_service_refuses_job_settings_it_does_not_know():
+    # A chart and a train service that disagree on a setting's name fail at start-up, not on the first Job.
+    from services.train import server
+    from shared.errors import InvalidArgument
+
+    for bad, match in [('{"config_mapp": "x"}', "config_mapp"), ("[1]", "JSON object"), ("{", "not JSON")]:
+        with pytest.raises(InvalidArgument, match=match):
+            server.parse_args([], {"TRAINYARD_TRAIN_JOB_SETTINGS": bad})
+    _, settings = server.parse_args([], {"TRAINYARD_TRAIN_JOB_SETTINGS": '{"name_prefix": "b-"}'})
+    assert settings.name_prefix == "b-" and settings.config_map == "trainyard-config"
 
 
 def test_fullname_follows_the_release_and_the_overrides():
