@@ -27,10 +27,16 @@ def prometheus_binary() -> str:
 
 
 class PrometheusServer(HarnessServer):
-    def __init__(self, workdir: str | Path, targets: Iterable[str], job: str = "trainyard"):
+    """Scrapes ``targets`` as ``job``; with ``pushgateway`` (host:port) also that Pushgateway, keeping the pushed
+    job labels as the chart's Prometheus does; evaluates the alerting rules in ``rule_files``."""
+
+    def __init__(self, workdir: str | Path, targets: Iterable[str], job: str = "trainyard", *,
+                 pushgateway: str | None = None, rule_files: Iterable[Path] = ()):
         self.workdir = Path(workdir)
         self.targets = list(targets)
         self.job = job
+        self.pushgateway = pushgateway
+        self.rule_files = [str(Path(f).resolve()) for f in rule_files]
         self.port: int | None = None
         self.process: ManagedProcess | None = None
 
@@ -49,6 +55,12 @@ class PrometheusServer(HarnessServer):
                 }
             ],
         }
+        if self.pushgateway:
+            config["scrape_configs"].append({"job_name": "pushgateway", "honor_labels": True,
+                                             "scrape_timeout": SCRAPE_INTERVAL,
+                                             "static_configs": [{"targets": [self.pushgateway]}]})
+        if self.rule_files:
+            config["rule_files"] = self.rule_files
         path = self.workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -96,8 +108,20 @@ class PrometheusServer(HarnessServer):
         )
 
     def targets_health(self) -> list[dict]:
-        with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=5) as resp:
-            return json.load(resp)["data"]["activeTargets"]
+        return self._get("targets")["activeTargets"]
+
+    def rule_groups(self) -> list[dict]:
+        """The loaded rule groups, each rule with its ``health`` and ``lastError`` from its last evaluation."""
+        return self._get("rules")["groups"]
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        """Values of ``label`` on the series ``match`` selects (what Grafana's label_values() asks)."""
+        return self._get(f"label/{urllib.parse.quote(label)}/values", {"match[]": match})
+
+    def _get(self, path: str, params: dict[str, str] | None = None):
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=5) as resp:
+            return json.load(resp)["data"]
 
 
 def start_pushgateway(log_dir: Path) -> tuple[ManagedProcess, str]:
@@ -106,7 +130,9 @@ def start_pushgateway(log_dir: Path) -> tuple[ManagedProcess, str]:
 
     def make() -> ManagedProcess:
         port = free_port()
-        return ManagedProcess("pushgateway", [binary, f"--web.listen-address={HOST}:{port}"],
+        # In memory only: Debian's build persists to /var/lib/prometheus/pushgateway.data by default, which
+        # would carry one test's pushes into the next.
+        return ManagedProcess("pushgateway", [binary, f"--web.listen-address={HOST}:{port}", "--persistence.file="],
                               Path(log_dir) / "pushgateway.log", http_probe(f"http://{HOST}:{port}/-/ready"),
                               ready_timeout=30, stop_grace=5)
 
