@@ -131,7 +131,8 @@ def _check_workloads(objs: list[dict]) -> None:
             probes = ["readinessProbe", "livenessProbe"] + (["startupProbe"] if name in SLOW_START else [])
             for probe in probes:
                 assert c[probe].get("grpc", {}).get("port") == 50051, f"{where}: {probe}"
-            assert {p["containerPort"] for p in c["ports"]} == {50051, 9090}
+            rest = {8000} if name == "inference" else set()  # inference serves the REST API too
+            assert {p["containerPort"] for p in c["ports"]} == {50051, 9090} | rest
             assert c["args"][c["args"].index("--metrics-port") + 1] == "9090"
             assert c["args"][c["args"].index("--host") + 1] == "0.0.0.0"
             refs = {e.get("configMapRef", {}).get("name") or e.get("secretRef", {}).get("name")

@@ -113,7 +113,7 @@ def test_network_policies_admit_inference_from_labelled_namespaces_only(both):
         assert selector_matches(clients["podSelector"], inference), where
         (rule,) = clients["ingress"]
         assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"trainyard.io/inference-client": "true"}}}]
-        assert [p["port"] for p in rule["ports"]] == [50051]
+        assert [p["port"] for p in rule["ports"]] == [50051, 8000]  # gRPC and REST
         pod = {"app": "a-client"}
         labelled = {"trainyard.io/inference-client": "true"}
         assert admits(policies, pod, inference, 50051, same_namespace=False, src_namespace=labelled), where
