@@ -115,7 +115,7 @@ def _rpc_type(method: MethodDescriptor) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def method_labels(full_method: str) -> tuple[str, str, str]:
+def _method_labels(full_method: str) -> tuple[str, str, str]:
     """(grpc_type, grpc_service, grpc_method) of "/package.Service/Method". The type comes from the method's
     descriptor, which every generated stub registers in protobuf's default pool; "unknown" where none is."""
     service, sep, method = full_method.lstrip("/").partition("/")
@@ -160,14 +160,15 @@ class ServerMetrics:
         """Count one finished call of ``method`` ("/package.Service/Method"). ``code`` is a ``grpc.StatusCode``
         or its name ("OK", "NOT_FOUND")."""
         code_name = getattr(code, "name", None) or str(code)
-        labels = method_labels(method)
+        labels = _method_labels(method)
         self._f.handled.labels(*labels, _GO_CODE_NAMES.get(code_name, code_name)).inc()
         self._f.handling.labels(*labels).observe(seconds)
 
     @contextlib.contextmanager
     def in_flight(self, method: str) -> Iterator[None]:
-        """Count ``method`` as started; the call is in flight until ``observe`` counts it handled."""
-        self._f.started.labels(*method_labels(method)).inc()
+        """Count ``method`` as started; the call is in flight until ``observe`` counts it handled. (A context
+        manager around the handler, as the interceptor calls it.)"""
+        self._f.started.labels(*_method_labels(method)).inc()
         yield
 
 
