@@ -8,7 +8,9 @@ models take ``videos`` (UINT8 [N, cameras, frames, C, H, W]) and add ``future_po
 ``infer_videos`` and ``predict_trajectory_files`` (sample files as ``trainyard datasets sample`` writes them).
 
 ``classify_files`` sends image files and folders in batches of encoded files, so images of different sizes
-share a request and the server does the decoding and resizing (``trainyard predict`` is built on it).
+share a request and the server does the decoding and resizing (``trainyard predict`` is built on it); batches are
+split to the model's max_batch_size, which ``model_config`` reports (Triton's ModelConfig), next to
+``model_statistics`` (Triton's inference statistics).
 """
 from __future__ import annotations
 

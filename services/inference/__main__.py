@@ -1,4 +1,5 @@
-"""`python -m services.inference --port N --metrics-port M` starts the inference service."""
+"""`python -m services.inference --port N --metrics-port M [--http-port H]` starts the inference service (gRPC, and
+the REST API with --http-port)."""
 from services.inference.server import main
 
 # Guarded: worker processes started with forkserver/spawn import the main module again.
