@@ -400,10 +400,12 @@ def test_notes_name_what_the_release_installed(release):
     notes = render_notes(values, release=release)
     objs = render_chart(values, release=release)
     services = {o["metadata"]["name"] for o in objs if o["kind"] == "Service"}
-    forwarded = re.findall(r"port-forward svc/(\S+) (\d+):(\d+)", notes)
-    assert {name for name, _, _ in forwarded} >= {_full(objs, "inference"), _full(objs, "mlflow"), _full(objs, "minio")}
-    for name, _, port in forwarded:
+    forwarded = [(name, port) for name, ports in re.findall(r"port-forward svc/(\S+)((?: \d+:\d+)+)", notes)
+                 for port in re.findall(r":(\d+)", ports)]
+    assert {name for name, _ in forwarded} >= {_full(objs, "inference"), _full(objs, "mlflow"), _full(objs, "minio")}
+    for name, port in forwarded:
         assert name in services and int(port) in {p["port"] for p in find(objs, "Service", name)["spec"]["ports"]}
+    assert (_full(objs, "inference"), "8000") in forwarded  # the REST API
     addresses = re.findall(rf"(\S+)\.{NAMESPACE}\.svc:50051", notes)
     assert sorted(addresses) == sorted(_full(objs, n) for n in SERVICES)
     secrets = set(re.findall(r"secret (\S+) ", notes)) | set(re.findall(r"Secret (\S+)\)", notes))
