@@ -5,8 +5,8 @@ the training Jobs' included), labels carry the app version, image tags default t
 inference service gets an optional PodDisruptionBudget and HorizontalPodAutoscaler, a ServiceMonitor is optional,
 every service takes affinity, tolerations, pod annotations and pull secrets, NOTES.txt tells what was installed,
 and the chart README's values table is the schema's. Everything is rendered by Helm's Go library, built by
-`kubectl kustomize`, and validated strictly (kubernetes-validate; prometheus-operator's CRD schema for the
-ServiceMonitor).
+`kubectl kustomize`, and validated strictly (kubernetes-validate; prometheus-operator's CRD schemas for the
+ServiceMonitor and the PrometheusRule).
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ EVERYTHING = {
     "repositoryControl": {"enabled": True},
     "tls": {"enabled": True, "secretName": ""},
     "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus-stack"}},
+    "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "grafanaDashboards": {"enabled": True, "labels": {"grafana_dashboard": "1"}, "annotations": {}},
     "services": {
         "inference": {"gpu": True, "pdb": {"enabled": True, "maxUnavailable": "50%"},
                       "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6,
