@@ -13,11 +13,13 @@ from shared.parallel import prefetch
 def bare_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
               y: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int, epochs: int,
               loss_fn: Callable[[Any, tuple[torch.Tensor, ...]], torch.Tensor] | None = None,
-              ahead: bool = False) -> float:
+              ahead: bool = False, whole_epoch: bool = False) -> float:
     """Samples/s (best epoch) of shuffled mini-batches over pre-normalised in-memory tensors: no loader, no
     metrics, no checkpoints, no logging. ``y`` is one target tensor (cross-entropy) or several, which
     ``loss_fn(output, targets)`` combines (multi-task models). ``ahead`` gathers the next batches in a
-    background thread (large inputs: the gather is a sizeable copy, which the platform overlaps too)."""
+    background thread (large inputs: the gather is a sizeable copy, which the platform overlaps too).
+    ``whole_epoch`` shuffles the whole epoch in one gather and then takes contiguous slices (views): for
+    small models the per-batch gather is a large share of the step, and one streaming gather is cheaper."""
     targets = y if isinstance(y, tuple) else (y,)
     loss_fn = loss_fn or (lambda out, t: torch.nn.functional.cross_entropy(out, t[0]))
     best = 0.0
@@ -26,7 +28,11 @@ def bare_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch
         n = len(targets[0])
         perm = torch.randperm(n)
         t0 = time.perf_counter()
-        batches = ((x[idx], tuple(t[idx] for t in targets)) for idx in perm.split(batch_size))
+        if whole_epoch:
+            xs, ts = x[perm], tuple(t[perm] for t in targets)
+            batches = ((xs[i:i + batch_size], tuple(t[i:i + batch_size] for t in ts)) for i in range(0, n, batch_size))
+        else:
+            batches = ((x[idx], tuple(t[idx] for t in targets)) for idx in perm.split(batch_size))
         for xb, tb in prefetch(batches, depth=2) if ahead else batches:
             loss = loss_fn(model(xb), tb)
             optimizer.zero_grad(set_to_none=True)
