@@ -286,6 +286,27 @@ def test_load_exported_detects_corruption(home, tmp_path):
         load_published(store, "no-such-model")
 
 
+def test_serving_settings_of_the_config_reach_the_card_and_the_server(home, tmp_path):
+    """`export.serving` (or `--set export.serving.max_batch_size=8`) is written into the card, and the inference
+    repository batches the model with it instead of its own flags."""
+    from services.inference.repository import ModelRepository
+
+    cfg = parse_train_config(base_config(epochs=1, data={"kind": "synthetic", "train_size": 128, "val_size": 64}),
+                             ["export.serving.max_batch_size=8", "export.serving.max_queue_delay_ms=0.5"])
+    store = open_store(tmp_path / "store")
+    Engine(cfg, "serve-1", store=store, tracking=False).run()
+    _, card = load_published(store, "engine-test")
+    assert (card.serving.max_batch_size, card.serving.max_queue_delay_ms) == (8, 0.5)
+    repo = ModelRepository(store, max_batch_size=32, max_queue_delay_ms=5.0)
+    try:
+        loaded = repo.load("engine-test")
+        assert (loaded.batching.max_batch_size, loaded.batching.max_queue_delay_ms) == (8, 0.5)
+    finally:
+        repo.close()
+    with pytest.raises(InvalidArgument, match="max_batch_size"):
+        parse_train_config(base_config(epochs=1), ["export.serving.max_batch_size=100000"])
+
+
 def test_transfer_learning_unfreeze_schedule(home, tmp_path):
     """Epoch 1 trains only the head; from epoch 2 the whole backbone trains (weights read back from checkpoints)."""
     cfg = parse_train_config(base_config(

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.config import load_config, parse_config
+from shared.modelcard import Serving
 
 # Upper bounds: what the service's int32 proto fields carry and what one run can mean. Past them a value is a
 # typo or an attack: epochs=10**12 used to launch, and then no Run could be encoded for anyone.
@@ -210,6 +211,8 @@ class ExportConfig(_Strict):
     enabled: bool = True
     # Registered model name; None = the experiment name.
     name: NAME | None = None
+    # How the inference server batches the published model (written into its card; unset: the server's flags).
+    serving: Serving | None = None
 
 
 class UnfreezeStep(_Strict):

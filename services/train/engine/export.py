@@ -36,7 +36,8 @@ def build_card(cfg: TrainConfig, task: Task, model_kwargs: dict, state: RunState
         confusion["test"] = final.artifacts["test"]["confusion"]
     return ModelCard(name=cfg.export.name or cfg.experiment, version=0, architecture=cfg.model.name,
                      model_kwargs=model_kwargs, run_id=run_id, mlflow_run_id=state.mlflow_run_id, metrics=metrics,
-                     confusion=confusion, **final.artifacts.get("card", {}), **task.card_fields())
+                     confusion=confusion, serving=cfg.export.serving, **final.artifacts.get("card", {}),
+                     **task.card_fields())
 
 
 def _marker(run_id: str) -> str:
