@@ -33,10 +33,11 @@ def read_state() -> dict[str, dict]:
 
 
 def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str = "127.0.0.1",
-       ports: dict[str, tuple[int, int]] | None = None) -> dict[str, dict]:
+       ports: dict[str, tuple[int, int]] | None = None, http_port: int | None = None) -> dict[str, dict]:
     """Start each service as a detached process, wait until all report SERVING, record their PIDs.
 
-    ``ports`` maps a service to its (gRPC, metrics) ports; the defaults are SERVICE_PORTS.
+    ``ports`` maps a service to its (gRPC, metrics) ports; the defaults are SERVICE_PORTS. ``http_port`` also
+    serves the inference service's v2 REST API there (``trainyard up`` asks for 8000, KServe's and Triton's port).
     """
     settings = load_settings()
     running = {k: v for k, v in read_state().items() if process_alive(v["pid"])}
@@ -49,11 +50,12 @@ def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str =
         if name in running:
             continue
         port, metrics_port = (ports or SERVICE_PORTS)[name]
+        rest = ["--http-port", str(http_port)] if name == "inference" and http_port else []
         log_path = log_dir / f"{name}.log"
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}", "--port", str(port),
-                 "--metrics-port", str(metrics_port), "--host", host, *EXTRA_ARGS.get(name, [])],
+                 "--metrics-port", str(metrics_port), "--host", host, *EXTRA_ARGS.get(name, []), *rest],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -61,7 +63,7 @@ def up(services: list[str] | None = None, deadline_s: float = 120.0, host: str =
                 cwd=Path(__file__).resolve().parent.parent,
             )
         state[name] = {"pid": proc.pid, "address": f"{host}:{port}", "metrics": f"http://{host}:{metrics_port}/metrics",
-                       "log": str(log_path)}
+                       "log": str(log_path), **({"rest": f"http://{host}:{http_port}/v2"} if rest else {})}
     _state_file().parent.mkdir(parents=True, exist_ok=True)
     _state_file().write_text(json.dumps(state, indent=2))
     for name, info in state.items():
@@ -114,10 +116,11 @@ def _rows(services: dict[str, dict], *extra: str) -> list[dict]:
 
 
 def _cmd_up(args) -> int:
-    state = up(args.services or None, deadline_s=args.deadline)
+    state = up(args.services or None, deadline_s=args.deadline, http_port=args.http_port or None)
     lines = [f"{'service':<10} {'gRPC':<18} {'metrics':<32} pid"]
-    lines += [f"{name:<10} {info['address']:<18} {info['metrics']:<32} {info['pid']}" for name, info in state.items()]
-    emit(args, _rows(state), "\n".join(lines))
+    lines += [f"{name:<10} {info['address']:<18} {info['metrics']:<32} {info['pid']}"
+              + (f"  REST {info['rest']}" if info.get("rest") else "") for name, info in state.items()]
+    emit(args, _rows(state, "rest"), "\n".join(lines))
     return 0
 
 
@@ -139,6 +142,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start all five services locally on embedded defaults")
     p.add_argument("services", nargs="*", help="only these services")
     p.add_argument("--deadline", type=float, default=120.0, help="seconds to wait for SERVING")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the inference service's v2 REST port (default %(default)s; 0: gRPC only)")
     add_output_options(p)
     p.set_defaults(func=_cmd_up)
 

@@ -41,9 +41,12 @@ def stack(tmp_path_factory):
         for var in ("TRAINYARD_STORE", "TRAINYARD_REPOSITORY_TOKEN"):
             mp.delenv(var, raising=False)
         publish_random(open_store(load_settings().store_url), MODEL, seed=7)
-        state = up(["inference"], ports={"inference": tuple(free_ports(2))}, deadline_s=120)
+        grpc_port, metrics_port, http_port = free_ports(3)
+        state = up(["inference"], ports={"inference": (grpc_port, metrics_port)}, http_port=http_port,
+                   deadline_s=120)
         try:
-            yield {"address": state["inference"]["address"], "home": root / "home", "tls": tls}
+            yield {"address": state["inference"]["address"], "home": root / "home", "tls": tls,
+                   "rest": state["inference"]["rest"]}
         finally:
             down(grace_s=20)
 
@@ -64,6 +67,19 @@ def test_tls_service_answers_a_tls_client_and_refuses_a_plaintext_one(stack, tmp
     with grpc.secure_channel(stack["address"], other) as ch, pytest.raises(grpc.RpcError) as err:
         _stub(ch).ServerLive(pb.ServerLiveRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_local_stack_serves_rest_over_the_same_tls(stack):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    https = stack["rest"].replace("http://", "https://")
+    context = ssl.create_default_context(cafile=str(stack["tls"] / "ca.crt"))
+    with urllib.request.urlopen(f"{https}/health/ready", context=context, timeout=10) as response:
+        assert response.status == 200
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext to a TLS port
+        urllib.request.urlopen(f"{stack['rest']}/health/ready", timeout=10)
 
 
 def test_local_stack_keeps_its_repository_token_private(stack):
