@@ -111,7 +111,7 @@ def down(grace_s: float = 20.0) -> list[str]:
 
 def _rows(services: dict[str, dict], *extra: str) -> list[dict]:
     """One object per service, the same keys whether or not `up` started it (null for what it did not record)."""
-    return [{"service": name, **{k: info.get(k) for k in ("address", "metrics", "pid", "log", *extra)}}
+    return [{"service": name, **{k: info.get(k) for k in ("address", "metrics", "rest", "pid", "log", *extra)}}
             for name, info in services.items()]
 
 
@@ -120,7 +120,7 @@ def _cmd_up(args) -> int:
     lines = [f"{'service':<10} {'gRPC':<18} {'metrics':<32} pid"]
     lines += [f"{name:<10} {info['address']:<18} {info['metrics']:<32} {info['pid']}"
               + (f"  REST {info['rest']}" if info.get("rest") else "") for name, info in state.items()]
-    emit(args, _rows(state, "rest"), "\n".join(lines))
+    emit(args, _rows(state), "\n".join(lines))
     return 0
 
 

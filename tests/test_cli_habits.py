@@ -148,13 +148,14 @@ def test_up_status_and_job_as_json_against_a_running_service(env, tmp_path):
         # already running: `up` reports it without starting another
         rows = cli_json(env, "up", "render", "--json")
         assert rows == [{"service": "render", "address": address, "metrics": state["render"]["metrics"],
-                         "pid": state["render"]["pid"], "log": state["render"]["log"]}]
+                         "rest": None, "pid": state["render"]["pid"], "log": state["render"]["log"]}]
 
         run = cli(env, "status", "--json")
         status = {r["service"]: r for r in json.loads(run.stdout)}
         assert list(status) == SERVICES
         assert status["render"] == {**rows[0], "health": "SERVING"}
-        assert all(set(r) == {"service", "address", "metrics", "pid", "log", "health"} for r in status.values())
+        assert all(set(r) == {"service", "address", "metrics", "rest", "pid", "log", "health"}
+                   for r in status.values())
         assert run.returncode == (0 if all(r["health"] == "SERVING" for r in status.values()) else 1)
 
         out = tmp_path / "digits"
