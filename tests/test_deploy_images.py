@@ -180,7 +180,7 @@ def test_skaffold_profiles_resolve(skaffold):
 def test_skaffold_port_forwards_reach_real_ports(skaffold, rendered, kustomized):
     forwards = {(f["resourceName"], f["port"]): f["localPort"] for f in skaffold["portForward"]}
     assert forwards == {("trainyard-mlflow", 5000): 5000, ("trainyard-minio", 9001): 9001,
-                        ("trainyard-inference", 50051): 50055}
+                        ("trainyard-inference", 50051): 50055, ("trainyard-inference", 8000): 8000}
     # The release whose objects these are.
     (release,) = skaffold["deploy"]["helm"]["releases"]
     assert release["name"] == RELEASE

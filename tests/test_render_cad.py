@@ -335,14 +335,16 @@ def _polygon_loop(n: int, radius: float = 0.3, seed: int = 0) -> list[dict]:
 
 
 @pytest.mark.timeout(60)
-def test_a_loop_of_ten_thousand_curves_chains_in_well_under_a_second():
+def test_a_loop_of_ten_thousand_curves_chains_in_seconds_not_minutes():
     from services.render.cad.geometry import loop_polygon
 
     n = 10_000
     loop = parse_cad(model({"loops": [_polygon_loop(n)], "d1": 0.1})).sketches["S0"].profiles["p"].loops[0]
     t0 = time.perf_counter()
     poly = loop_polygon(loop)
-    assert time.perf_counter() - t0 < 0.5
+    # ~0.1-0.25 s alone, ~1 s under a full suite's load; the quadratic chaining took over 60 s. A bound with room
+    # for a loaded CI machine still tells the two apart.
+    assert time.perf_counter() - t0 < 5.0
     # Every vertex once, each step to a neighbour on the circle: the n-gon's edge length.
     assert poly.shape == (n, 2)
     steps = np.linalg.norm(np.diff(np.vstack([poly, poly[:1]]), axis=0), axis=1)
