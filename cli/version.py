@@ -5,17 +5,11 @@ import argparse
 import platform
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
+from shared.versions import installed, trainyard_version
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _installed(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def git_commit(root: Path = ROOT) -> str | None:
@@ -33,12 +27,12 @@ def git_commit(root: Path = ROOT) -> str | None:
 
 def version_text() -> str:
     # torch's version from its metadata: importing torch would take seconds
-    parts = [f"trainyard {_installed('trainyard') or '0+unknown'}"]
+    parts = [f"trainyard {trainyard_version()}"]
     commit = git_commit()
     if commit:
         parts.append(f"commit {commit}")
     parts.append(f"python {platform.python_version()}")
-    torch = _installed("torch")
+    torch = installed("torch")
     if torch:
         parts.append(f"torch {torch}")
     return ", ".join(parts)

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
-from importlib import metadata
 
 from pydantic import ValidationError
 
@@ -28,6 +27,7 @@ from shared.errors import InvalidArgument, NotFound, PermissionDenied, Trainyard
 from shared.logs import get_logger
 from shared.modelcard import ModelRef, Serving, parse_model_ref
 from shared.pb import inference_pb2 as pb
+from shared.versions import trainyard_version
 
 log = get_logger(__name__)
 
@@ -39,13 +39,6 @@ _FORMATS = {protocol.INPUT_IMAGES: pb.ModelInput.FORMAT_NHWC, protocol.INPUT_TEN
 _LOAD_PARAMS = ("version", "alias", "config")
 # Sent by tritonclient on every unload; no model here depends on another, so there is nothing more to unload.
 _UNLOAD_PARAMS = ("version", "unload_dependents")
-
-
-def server_version() -> str:
-    try:
-        return metadata.version("trainyard")
-    except metadata.PackageNotFoundError:  # running from a checkout that was never pip-installed
-        return "0+unknown"
 
 
 def parse_load_config(text: str, name: str) -> Serving:
@@ -133,7 +126,7 @@ class DataPlane:
         return self._ready.is_set()
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=trainyard_version(), extensions=EXTENSIONS)
 
     # ---- models
 
