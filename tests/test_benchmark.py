@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -20,7 +22,6 @@ from services.benchmark.runner import make_request, run_benchmarks
 from shared.benchmark.flops import count_flops
 from shared.benchmark.hardware import fingerprint
 from shared.benchmark.measure import BUSY_CPU_SHARE, state_dict_bytes, top1
-from shared.benchmark.memory import PeakAnonRss, anon_rss_bytes
 from shared.errors import InvalidArgument
 from shared.models import create_model
 from shared.preprocess import Preprocessor
@@ -95,12 +96,22 @@ def test_counts_on_real_tensors_equal_meta():
 
 
 def test_peak_anon_rss_sees_a_known_allocation():
-    before = anon_rss_bytes()
-    with PeakAnonRss() as probe:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched, then freed inside the block
-        del block
-    assert probe.peak - before >= 60 * 2**20
-    assert probe.method
+    # In a fresh interpreter, as the benchmark measures: late in a long pytest process the allocator can
+    # hold 64 MB of freed, still-resident heap and serve the block from it, which no RSS reading can see
+    # (CI saw a 16 kB rise).
+    code = textwrap.dedent("""
+        import json, torch
+        from shared.benchmark.memory import PeakAnonRss, anon_rss_bytes
+        before = anon_rss_bytes()
+        with PeakAnonRss() as probe:
+            block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched, then freed inside the block
+            del block
+        print(json.dumps({"rise": probe.peak - before, "method": probe.method}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["rise"] >= 60 * 2**20, result
+    assert result["method"]
 
 
 def test_int8_shrinks_linears_and_leaves_convs():

@@ -46,7 +46,9 @@ class PeakAnonRss:
        and shared RSS at the end: exact at the peak as long as no library page was faulted in after it, and
        it catches peaks of any duration.
     2. RssAnon sampled every 1 ms by a thread, which can miss shorter peaks.
-    Where clear_refs may not be written only (2) runs; ``method`` says which.
+    Where clear_refs may not be written only (2) runs; ``method`` says which. Neither sees memory the
+    allocator freed before the block and hands out again while still resident, which is why the benchmark
+    measures in a fresh process.
     """
 
     def __init__(self) -> None:
