@@ -15,6 +15,7 @@ _OPTION_FLAGS = {
     "shard_size": dict(type=int, help="trajectories: samples per shard"),
     "test_count": dict(type=int, help="digits / cifar-synth: test split size"),
     "val_per_class": dict(type=int, help="logos: validation images per class"),
+    "test_per_class": dict(type=int, help="logos: test images per class (a test/ split; default none)"),
     "gzip": dict(action="store_true", help="digits: write .gz IDX files"),
 }
 

@@ -91,6 +91,10 @@ class ModelCard(BaseModel):
     generation: dict[str, Any] = Field(default_factory=dict)
     # Dynamic batching when served (absent in cards written before it existed: the server's flags apply).
     serving: Serving | None = None
+    # Where the weights training started from: {"source": "none"} (random init), or the source
+    # ("store:models/<name>/<version>", "file:<path>", "lora:<base>"), the sha256 of its weights and what
+    # came with them (shared.models.pretrained). Absent in cards written before it was recorded.
+    backbone: dict[str, Any] | None = None
 
     @field_validator("name")
     @classmethod
@@ -213,10 +217,10 @@ def read_card(store, name: str, version: int | None = None) -> ModelCard:
     prefix = model_prefix(name, version)
     if not store.is_published(prefix):
         raise NotFound(f"model {name!r} version {version} is not published")
-    return ModelCard.from_json(_published_file(store, prefix, CARD_FILE), f"{prefix}/{CARD_FILE}")
+    return ModelCard.from_json(published_file(store, prefix, CARD_FILE), f"{prefix}/{CARD_FILE}")
 
 
-def _published_file(store, prefix: str, rel: str) -> bytes:
+def published_file(store, prefix: str, rel: str) -> bytes:
     """A file a published version must hold: once its manifest exists, a missing file is damage (DATA_LOSS),
     not an absent model (NOT_FOUND)."""
     try:
@@ -253,8 +257,8 @@ def load_published(store, name: str, version: int | None = None,
     card = read_card(store, name, version)
     prefix = model_prefix(name, card.version)
     try:
-        state = st_load(_published_file(store, prefix, WEIGHTS_FILE))
+        state = st_load(published_file(store, prefix, WEIGHTS_FILE))
     except SafetensorError as exc:
         raise IntegrityError(f"{prefix}/{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
-    files = {name: _published_file(store, prefix, name) for name in card.files}
+    files = {name: published_file(store, prefix, name) for name in card.files}
     return build_module(card, state, prefix, files).to(device), card

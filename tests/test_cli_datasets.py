@@ -167,6 +167,15 @@ def test_render_through_the_service(env, tmp_path, render_server):
     assert again.returncode == 2
     assert "ALREADY_EXISTS" in again.stderr and "already published" in again.stderr
 
+    # A test split: train and val stay byte for byte what they were.
+    with_test = tmp_path / "logos-test"
+    run = cli(env, *args[:2], "--out", str(with_test), *args[4:], "--test-per-class", "2")
+    assert run.returncode == 0, run.stderr
+    tested = verified_manifest(str(with_test))
+    pngs = sorted(f for f in tested.files if f.endswith(".png"))
+    assert [p.split("/")[0] for p in pngs].count("test") == 8 and len(pngs) == 20
+    assert all(tested.files[p].sha256 == manifest.files[p].sha256 for p in manifest.files if p.endswith(".png"))
+
 
 def test_render_limits_and_failure_budget_set_the_exit_code(env, tmp_path):
     huge = cli(env, "render", "digits", "--out", str(tmp_path / "d"), "--count", str(10**12), "--no-progress")

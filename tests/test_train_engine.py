@@ -1,6 +1,7 @@
 """The training engine on real data files, a real MLflow server and real artifact stores."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -307,31 +308,68 @@ def test_serving_settings_of_the_config_reach_the_card_and_the_server(home, tmp_
         parse_train_config(base_config(epochs=1), ["export.serving.max_batch_size=100000"])
 
 
-def test_transfer_learning_unfreeze_schedule(home, tmp_path):
-    """Epoch 1 trains only the head; from epoch 2 the whole backbone trains (weights read back from checkpoints)."""
-    cfg = parse_train_config(base_config(
-        model={"name": "logo_efficientnet_b0", "kwargs": {"head": "mlp128bn"}},
-        data={"kind": "synthetic", "num_classes": 4, "channels": 3, "image_size": 32, "train_size": 64,
-              "val_size": 32},
+def test_freezing_a_random_backbone_is_refused_unless_asked_for():
+    frozen = base_config(model={"name": "logo_efficientnet_b0"}, freeze_backbone=True,
+                         unfreeze=[{"epoch": 2, "stages": -1}])
+    with pytest.raises(InvalidArgument, match="needs pretrained backbone weights"):
+        parse_train_config(frozen)
+    assert parse_train_config({**frozen, "freeze_random_backbone": True}).freeze_random_backbone
+    # The former field name still reads.
+    old = parse_train_config(base_config(model={"name": "mnist_cake", "pretrained_path": "w.safetensors"}))
+    assert old.model.pretrained == "w.safetensors"
+
+
+def test_fine_tune_from_a_platform_made_backbone(home, tmp_path):
+    """A run publishes a backbone (6 classes, its own normalisation); a second run names it as
+    ``store:models/<name>/<version>``: the backbone loads, its normalisation travels, epoch 1 trains the head
+    only, epoch 2 everything, and the card records where the weights came from. A local file written from the
+    published model loads the same way."""
+    from shared.models.pretrained import read_pretrained, write_weights_file
+
+    store = open_store(tmp_path / "store")
+    data = {"kind": "synthetic", "num_classes": 6, "channels": 3, "image_size": 32, "train_size": 64,
+            "val_size": 32, "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3]}
+    pre = parse_train_config(base_config(model={"name": "logo_efficientnet_b0"}, data=data, batch_size=16,
+                                         export={"name": "shapes-backbone"}))
+    Engine(pre, "bb-run", store=store, tracking=False).run()
+    backbone, bb_card = load_published(store, "shapes-backbone", 1)
+    assert bb_card.backbone == {"source": "none"}
+    published = backbone.state_dict()
+
+    tune = base_config(
+        model={"name": "logo_efficientnet_b0", "kwargs": {"head": "mlp128bn"},
+               "pretrained": "store:models/shapes-backbone/1"},
+        data={**{k: v for k, v in data.items() if k not in ("mean", "std")}, "num_classes": 4},
         batch_size=16, optimizer={"name": "adamw", "lr": 0.001, "weight_decay": 0.01},
         loss={"name": "ce", "class_weights": [1.0, 2.0, 1.0, 1.0]},
         freeze_backbone=True, unfreeze=[{"epoch": 2, "stages": -1}], checkpoint={"keep_last": 3},
-    ))
-    store = open_store(tmp_path / "store")
-    Engine(cfg, "tl-run", store=store, tracking=False).run()
-    from shared.models import create_model
-
-    torch.manual_seed(cfg.seed)
-    init = create_model("logo_efficientnet_b0", num_classes=4, in_chans=3, head="mlp128bn").state_dict()
+        export={"name": "logo-tuned"})
+    Engine(parse_train_config(tune), "tl-run", store=store, tracking=False).run()
     e1 = ckpt.load_checkpoint(store, ckpt.epoch_prefix("tl-run", 1)).model_state
     e2 = ckpt.load_checkpoint(store, ckpt.epoch_prefix("tl-run", 2)).model_state
     stem = "conv_stem.weight"
-    head = next(k for k in init if k.startswith("classifier") and k.endswith("weight"))
-    assert torch.equal(e1[stem], init[stem])  # frozen in epoch 1
-    assert not torch.equal(e1[head], init[head])  # the head trained
+    head = next(k for k in e1 if k.startswith("classifier") and k.endswith("weight"))
+    assert torch.equal(e1[stem], published[stem])  # loaded, then frozen in epoch 1
+    assert torch.equal(e1["bn1.running_mean"], published["bn1.running_mean"])  # frozen BN statistics too
+    assert e1[head].shape[0] == 128 and not torch.equal(e1[head], e2[head])  # a new head, training
     assert not torch.equal(e2[stem], e1[stem])  # unfrozen in epoch 2
-    # Frozen BatchNorm statistics do not drift either.
-    assert torch.equal(e1["bn1.running_mean"], init["bn1.running_mean"])
+    _, card = load_published(store, "logo-tuned")
+    weights_sha = hashlib.sha256(store.get_bytes(f"{model_prefix('shapes-backbone', 1)}/model.safetensors"))
+    assert card.backbone["source"] == "store:models/shapes-backbone/1"
+    assert card.backbone["sha256"] == weights_sha.hexdigest()
+    assert card.normalization.model_dump() == {"mean": data["mean"], "std": data["std"]}  # travelled
+
+    path = write_weights_file(read_pretrained("store:models/shapes-backbone/1", store), tmp_path / "bb.safetensors")
+    from_file = read_pretrained(str(path))
+    assert (from_file.architecture, from_file.mean, from_file.input_size) == (
+        "logo_efficientnet_b0", data["mean"], [3, 32, 32])
+    file_cfg = parse_train_config({**tune, "epochs": 1, "unfreeze": [], "export": {"name": "logo-file"},
+                                   "model": {**tune["model"], "pretrained": str(path)}})
+    Engine(file_cfg, "tl-file", store=store, tracking=False).run()
+    _, card = load_published(store, "logo-file")
+    assert card.backbone["source"] == f"file:{path.resolve()}"
+    assert card.backbone["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert card.normalization.mean == data["mean"]
 
 
 def test_worker_cli_config_env_and_bad_config(home, tmp_path, monkeypatch):

@@ -52,7 +52,8 @@ def _trajectories(count: int, seed: int, opts: dict[str, Any]) -> Any:
 def _logos(count: int, seed: int, opts: dict[str, Any]) -> Any:
     per_class = max(1, (count or 800) // 4)
     params = {"seed": seed, "train_per_class": per_class,
-              "val_per_class": int(opts.get("val_per_class") or max(1, per_class // 4))}
+              "val_per_class": int(opts.get("val_per_class") or max(1, per_class // 4)),
+              "test_per_class": int(opts.get("test_per_class") or 0)}
     if "image_size" in opts:
         params["image_size"] = int(opts["image_size"])
     return create_job("logos", params)
@@ -79,7 +80,8 @@ KINDS: dict[str, RenderKind] = {k.name: k for k in (
     RenderKind("trajectories", "trajectories", "services.render.trajectories:TrajectoryJob", ("shard_size",),
                _trajectories, "4-camera trajectory videos with labels and future positions",
                max_count=200_000),  # ~0.5 MB a sample on disk
-    RenderKind("logos", "logos", "services.render.logos:LogoJob", ("image_size", "val_per_class"), _logos,
+    RenderKind("logos", "logos", "services.render.logos:LogoJob", ("image_size", "val_per_class", "test_per_class"),
+               _logos,
                "logo images in four classes (simple, text, gradient, complex)"),
     RenderKind("digits", "digits", "services.render.digits:DigitsJob", ("test_count", "gzip"), _digits,
                "handwritten-style digits in MNIST's IDX format"),
@@ -95,6 +97,7 @@ OPTION_RANGES: dict[str, tuple[int, int]] = {
     "image_size": (16, 2048),
     "shard_size": (1, 10_000),
     "val_per_class": (1, 250_000),
+    "test_per_class": (1, 250_000),
 }
 MAX_WORKERS = 256
 SEED_RANGE = (0, 2**63 - 1)

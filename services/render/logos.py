@@ -1,7 +1,8 @@
 """Procedural logo images in 4 classes (simple, text, gradient, complex), as an image folder.
 
-Layout: ``<split>/<class>/<id>.png`` with splits ``train`` and ``val``; items
-``[0, 4 * train_per_class)`` are train, the rest val, and item ``i`` is class ``i % 4``.
+Layout: ``<split>/<class>/<id>.png`` with splits ``train``, ``val`` and (when ``test_per_class`` > 0)
+``test``; items ``[0, 4 * train_per_class)`` are train, the next ``4 * val_per_class`` val, the rest test,
+and item ``i`` is class ``i % 4``. A test split leaves train and val byte for byte as they were.
 
 What separates the classes (what a classifier has to learn):
 - simple: 1-3 flat-coloured geometric shapes on a plain background;
@@ -144,10 +145,12 @@ def draw_logo(label: int, rng: np.random.Generator, size: int) -> Image.Image:
 
 @dataclass
 class LogoJob:
-    """``train_per_class`` + ``val_per_class`` logos per class; see services.render.shards for the contract."""
+    """``train_per_class`` + ``val_per_class`` + ``test_per_class`` logos per class; see services.render.shards
+    for the contract."""
 
     train_per_class: int = 200
     val_per_class: int = 50
+    test_per_class: int = 0
     seed: int = 0
     image_size: int = 224
     shard_size: int = 200
@@ -155,23 +158,27 @@ class LogoJob:
     generator_version: str = field(default=GENERATOR_VERSION, init=False)
 
     def __post_init__(self) -> None:
-        if self.train_per_class < 1 or self.val_per_class < 0:
-            raise InvalidArgument("train_per_class must be >= 1 and val_per_class >= 0")
+        if self.train_per_class < 1 or self.val_per_class < 0 or self.test_per_class < 0:
+            raise InvalidArgument("train_per_class must be >= 1, val_per_class and test_per_class >= 0")
         if not 32 <= self.image_size <= 1024:
             raise InvalidArgument(f"image_size must be in 32..1024, got {self.image_size}")
 
     @property
     def total(self) -> int:
-        return len(CLASSES) * (self.train_per_class + self.val_per_class)
+        return len(CLASSES) * (self.train_per_class + self.val_per_class + self.test_per_class)
 
     @property
     def config(self) -> dict[str, Any]:
-        return {"classes": list(CLASSES), "train_per_class": self.train_per_class,
-                "val_per_class": self.val_per_class, "image_size": self.image_size,
-                "fonts": [Path(f).name for f in system_fonts()]}
+        config = {"classes": list(CLASSES), "train_per_class": self.train_per_class,
+                  "val_per_class": self.val_per_class, "image_size": self.image_size,
+                  "fonts": [Path(f).name for f in system_fonts()]}
+        if self.test_per_class:  # absent when 0, so datasets rendered before the test split resume as they were
+            config["test_per_class"] = self.test_per_class
+        return config
 
     def item_path(self, index: int) -> str:
-        split = "train" if index < len(CLASSES) * self.train_per_class else "val"
+        bound = len(CLASSES) * self.train_per_class
+        split = "train" if index < bound else "val" if index < bound + len(CLASSES) * self.val_per_class else "test"
         return f"{split}/{CLASSES[index % len(CLASSES)]}/{index:06d}.png"
 
     def render_item(self, index: int) -> bytes:

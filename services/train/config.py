@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from shared.config import load_config, parse_config
 from shared.modelcard import Serving
@@ -41,10 +41,19 @@ class LoraSpec(_Strict):
 class ModelConfig(_Strict):
     name: NAME
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    # A local .safetensors/.pth file with backbone weights (transfer learning); never downloaded.
-    pretrained_path: PATH | None = None
+    # Backbone weights to start from (transfer learning), never downloaded: a model the platform published
+    # (store:models/<name>[/<version>]), whose input size and normalisation come with it, or a local
+    # .safetensors/.pth file (shared.models.pretrained). A classifier that does not fit is left new.
+    # ``pretrained_path``, its former name, is still read.
+    pretrained: PATH | None = Field(None, validation_alias=AliasChoices("pretrained", "pretrained_path"))
     # LoRA fine-tuning of a published model of architecture ``name`` (its weights, kwargs and tokenizer).
     lora: LoraSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelConfig:
+        if self.pretrained and self.lora:
+            raise ValueError("model.pretrained and model.lora both name the weights to start from; give one")
+        return self
 
 
 class AugmentConfig(_Strict):
@@ -263,8 +272,11 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
-    # Transfer learning: start with the backbone frozen and unfreeze stages on the given epochs.
+    # Transfer learning: start with the backbone frozen and unfreeze stages on the given epochs. It needs
+    # model.pretrained: a frozen random backbone trains the head on random features, which a run must ask
+    # for by name (freeze_random_backbone: true).
     freeze_backbone: bool = False
+    freeze_random_backbone: bool = False
     unfreeze: list[UnfreezeStep] = Field(default_factory=list, max_length=1000)
     num_threads: int | None = Field(None, gt=0, le=1024)
     # MLflow's own limits on tag keys and values.
@@ -283,6 +295,13 @@ class TrainConfig(_Strict):
                                  f"train on kind={kind}, and only they do")
         if self.unfreeze and not self.freeze_backbone:
             raise ValueError("unfreeze steps need freeze_backbone: true")
+        if self.freeze_backbone and not self.model.pretrained and not self.freeze_random_backbone:
+            raise ValueError("freeze_backbone: true needs pretrained backbone weights (model.pretrained: "
+                             "store:models/<name>[/<version>] or a local weights file): without them the backbone "
+                             "is random and freezing it trains the head on random features. Set "
+                             "freeze_random_backbone: true if that is what you want")
+        if self.freeze_random_backbone and not self.freeze_backbone:
+            raise ValueError("freeze_random_backbone needs freeze_backbone: true")
         for where, metric in (("checkpoint.keep_best_metric", self.checkpoint.keep_best_metric),
                               ("early_stopping.metric", self.early_stopping.metric),
                               ("scheduler.metric", self.scheduler.metric)):

@@ -139,12 +139,17 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Load local weights into ``model``; classifier weights that do not fit are skipped.
+    """Load a local weights file into ``model`` (see :func:`load_state`)."""
+    return load_state(model, read_state_dict(path), str(path))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """Load pretrained weights into ``model``; classifier weights that do not fit are skipped.
 
     Any other missing, unexpected or mis-shaped key is an error: a silent partial load would train
     from a half-random backbone. Returns the skipped head keys (``{"skipped": [...], "missing": [...]}``).
     """
-    state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     heads = _head_prefixes(model)
     is_head = lambda key: any(key.startswith(h) for h in heads)  # noqa: E731
@@ -163,10 +168,10 @@ def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     bad += [f"missing {k}" for k in missing if not is_head(k)]
     if bad:
         more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
-        raise InvalidArgument(f"weights in {path} do not fit the model: {'; '.join(bad[:8])}{more}")
+        raise InvalidArgument(f"weights in {source} do not fit the model: {'; '.join(bad[:8])}{more}")
     model.load_state_dict(state, strict=False)
     head_missing = [k for k in missing if is_head(k)]
     if skipped or head_missing:
-        log.info("pretrained head not loaded", extra={"path": str(path), "skipped": skipped,
+        log.info("pretrained head not loaded", extra={"source": source, "skipped": skipped,
                                                        "missing": head_missing})
     return {"skipped": skipped, "missing": head_missing}

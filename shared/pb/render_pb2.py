@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as trainyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19trainyard/v1/render.proto\x12\x0ctrainyard.v1\x1a\x19trainyard/v1/common.proto\"\x94\x03\n\rRenderRequest\x12\x0b\n\x03out\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0f\n\x07workers\x18\x04 \x01(\x05\x12\x0e\n\x06resume\x18\x05 \x01(\x08\x12\x14\n\x0cmax_failures\x18\x06 \x01(\t\x12&\n\x03\x63\x61\x64\x18\n \x01(\x0b\x32\x17.trainyard.v1.CadRenderH\x00\x12+\n\tcad_synth\x18\x0b \x01(\x0b\x32\x16.trainyard.v1.CadSynthH\x00\x12\x36\n\x0ctrajectories\x18\x0c \x01(\x0b\x32\x1e.trainyard.v1.TrajectoryRenderH\x00\x12)\n\x05logos\x18\r \x01(\x0b\x32\x18.trainyard.v1.LogoRenderH\x00\x12+\n\x06\x64igits\x18\x0e \x01(\x0b\x32\x19.trainyard.v1.DigitRenderH\x00\x12\x35\n\x0b\x63ifar_synth\x18\x0f \x01(\x0b\x32\x1e.trainyard.v1.CifarSynthRenderH\x00\x42\x06\n\x04kind\".\n\tCadRender\x12\r\n\x05input\x18\x01 \x01(\t\x12\x12\n\nimage_size\x18\x02 \x01(\x05\"\n\n\x08\x43\x61\x64Synth\"&\n\x10TrajectoryRender\x12\x12\n\nshard_size\x18\x01 \x01(\x05\"7\n\nLogoRender\x12\x12\n\nimage_size\x18\x01 \x01(\x05\x12\x15\n\rval_per_class\x18\x02 \x01(\x03\"/\n\x0b\x44igitRender\x12\x12\n\ntest_count\x18\x01 \x01(\x03\x12\x0c\n\x04gzip\x18\x02 \x01(\x08\"&\n\x10\x43ifarSynthRender\x12\x12\n\ntest_count\x18\x01 \x01(\x03\"*\n\x16\x44\x65scribeDatasetRequest\x12\x10\n\x08location\x18\x01 \x01(\t\"\x96\x01\n\x0b\x44\x61tasetInfo\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05items\x18\x03 \x01(\x03\x12\r\n\x05\x66iles\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x19\n\x11generator_version\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x11\n\tmeta_json\x18\x08 \x01(\t2\xe3\x01\n\rRenderService\x12?\n\x06Render\x12\x1b.trainyard.v1.RenderRequest\x1a\x16.trainyard.v1.Progress0\x01\x12R\n\x0f\x44\x65scribeDataset\x12$.trainyard.v1.DescribeDatasetRequest\x1a\x19.trainyard.v1.DatasetInfo\x12=\n\x06GetJob\x12\x1b.trainyard.v1.GetJobRequest\x1a\x16.trainyard.v1.Progressb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19trainyard/v1/render.proto\x12\x0ctrainyard.v1\x1a\x19trainyard/v1/common.proto\"\x94\x03\n\rRenderRequest\x12\x0b\n\x03out\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0f\n\x07workers\x18\x04 \x01(\x05\x12\x0e\n\x06resume\x18\x05 \x01(\x08\x12\x14\n\x0cmax_failures\x18\x06 \x01(\t\x12&\n\x03\x63\x61\x64\x18\n \x01(\x0b\x32\x17.trainyard.v1.CadRenderH\x00\x12+\n\tcad_synth\x18\x0b \x01(\x0b\x32\x16.trainyard.v1.CadSynthH\x00\x12\x36\n\x0ctrajectories\x18\x0c \x01(\x0b\x32\x1e.trainyard.v1.TrajectoryRenderH\x00\x12)\n\x05logos\x18\r \x01(\x0b\x32\x18.trainyard.v1.LogoRenderH\x00\x12+\n\x06\x64igits\x18\x0e \x01(\x0b\x32\x19.trainyard.v1.DigitRenderH\x00\x12\x35\n\x0b\x63ifar_synth\x18\x0f \x01(\x0b\x32\x1e.trainyard.v1.CifarSynthRenderH\x00\x42\x06\n\x04kind\".\n\tCadRender\x12\r\n\x05input\x18\x01 \x01(\t\x12\x12\n\nimage_size\x18\x02 \x01(\x05\"\n\n\x08\x43\x61\x64Synth\"&\n\x10TrajectoryRender\x12\x12\n\nshard_size\x18\x01 \x01(\x05\"O\n\nLogoRender\x12\x12\n\nimage_size\x18\x01 \x01(\x05\x12\x15\n\rval_per_class\x18\x02 \x01(\x03\x12\x16\n\x0etest_per_class\x18\x03 \x01(\x03\"/\n\x0b\x44igitRender\x12\x12\n\ntest_count\x18\x01 \x01(\x03\x12\x0c\n\x04gzip\x18\x02 \x01(\x08\"&\n\x10\x43ifarSynthRender\x12\x12\n\ntest_count\x18\x01 \x01(\x03\"*\n\x16\x44\x65scribeDatasetRequest\x12\x10\n\x08location\x18\x01 \x01(\t\"\x96\x01\n\x0b\x44\x61tasetInfo\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05items\x18\x03 \x01(\x03\x12\r\n\x05\x66iles\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x19\n\x11generator_version\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x11\n\tmeta_json\x18\x08 \x01(\t2\xe3\x01\n\rRenderService\x12?\n\x06Render\x12\x1b.trainyard.v1.RenderRequest\x1a\x16.trainyard.v1.Progress0\x01\x12R\n\x0f\x44\x65scribeDataset\x12$.trainyard.v1.DescribeDatasetRequest\x1a\x19.trainyard.v1.DatasetInfo\x12=\n\x06GetJob\x12\x1b.trainyard.v1.GetJobRequest\x1a\x16.trainyard.v1.Progressb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,15 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAJECTORYRENDER']._serialized_start=537
   _globals['_TRAJECTORYRENDER']._serialized_end=575
   _globals['_LOGORENDER']._serialized_start=577
-  _globals['_LOGORENDER']._serialized_end=632
-  _globals['_DIGITRENDER']._serialized_start=634
-  _globals['_DIGITRENDER']._serialized_end=681
-  _globals['_CIFARSYNTHRENDER']._serialized_start=683
-  _globals['_CIFARSYNTHRENDER']._serialized_end=721
-  _globals['_DESCRIBEDATASETREQUEST']._serialized_start=723
-  _globals['_DESCRIBEDATASETREQUEST']._serialized_end=765
-  _globals['_DATASETINFO']._serialized_start=768
-  _globals['_DATASETINFO']._serialized_end=918
-  _globals['_RENDERSERVICE']._serialized_start=921
-  _globals['_RENDERSERVICE']._serialized_end=1148
+  _globals['_LOGORENDER']._serialized_end=656
+  _globals['_DIGITRENDER']._serialized_start=658
+  _globals['_DIGITRENDER']._serialized_end=705
+  _globals['_CIFARSYNTHRENDER']._serialized_start=707
+  _globals['_CIFARSYNTHRENDER']._serialized_end=745
+  _globals['_DESCRIBEDATASETREQUEST']._serialized_start=747
+  _globals['_DESCRIBEDATASETREQUEST']._serialized_end=789
+  _globals['_DATASETINFO']._serialized_start=792
+  _globals['_DATASETINFO']._serialized_end=942
+  _globals['_RENDERSERVICE']._serialized_start=945
+  _globals['_RENDERSERVICE']._serialized_end=1172
 # @@protoc_insertion_point(module_scope)

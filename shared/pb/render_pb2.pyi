@@ -53,12 +53,14 @@ class TrajectoryRender(_message.Message):
     def __init__(self, shard_size: _Optional[int] = ...) -> None: ...
 
 class LogoRender(_message.Message):
-    __slots__ = ("image_size", "val_per_class")
+    __slots__ = ("image_size", "val_per_class", "test_per_class")
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     VAL_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TEST_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
     image_size: int
     val_per_class: int
-    def __init__(self, image_size: _Optional[int] = ..., val_per_class: _Optional[int] = ...) -> None: ...
+    test_per_class: int
+    def __init__(self, image_size: _Optional[int] = ..., val_per_class: _Optional[int] = ..., test_per_class: _Optional[int] = ...) -> None: ...
 
 class DigitRender(_message.Message):
     __slots__ = ("test_count", "gzip")

@@ -24,7 +24,7 @@ log = get_logger(__name__)
 
 
 def build_card(cfg: TrainConfig, task: Task, model_kwargs: dict, state: RunState, run_id: str,
-               final: Evaluation) -> ModelCard:
+               final: Evaluation, backbone: dict) -> ModelCard:
     """The card of the selected epoch's model, with its validation figures (per class too) beside the final
     test figures and calibration (its version is set when it is published)."""
     best_row = next((h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1])
@@ -36,7 +36,8 @@ def build_card(cfg: TrainConfig, task: Task, model_kwargs: dict, state: RunState
         confusion["test"] = final.artifacts["test"]["confusion"]
     return ModelCard(name=cfg.export.name or cfg.experiment, version=0, architecture=cfg.model.name,
                      model_kwargs=model_kwargs, run_id=run_id, mlflow_run_id=state.mlflow_run_id, metrics=metrics,
-                     confusion=confusion, serving=cfg.export.serving, **final.artifacts.get("card", {}),
+                     confusion=confusion, serving=cfg.export.serving, backbone=backbone,
+                     **final.artifacts.get("card", {}),
                      **task.card_fields())
 
 

@@ -36,9 +36,20 @@ from services.train.events import EventWriter, default_events_path
 from shared.config import config_hash
 from shared.errors import Cancelled, FailedPrecondition, InvalidArgument
 from shared.logs import get_logger
+from shared.models.pretrained import NO_BACKBONE, Pretrained, read_pretrained
 from shared.names import validate_name
 
 log = get_logger(__name__)
+
+
+def backbone_config(cfg: TrainConfig, pretrained: Pretrained | None) -> TrainConfig:
+    """The config the data is read with: a backbone's normalisation replaces the dataset's usual constants
+    (the backbone learnt on inputs normalised its way) unless data.mean/std are set. The run's own config,
+    and so its hash, stay as written."""
+    if pretrained is None or not (pretrained.mean and pretrained.std) or cfg.data.mean or cfg.data.std:
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"mean": pretrained.mean,
+                                                                      "std": pretrained.std})})
 
 
 @dataclass
@@ -86,6 +97,7 @@ class Engine:
             self.events = EventWriter(events_path or default_events_path(run_id), run_id, self.store)
         self.timings: list[dict[str, float]] = []
         self._stages: int | str | None = None
+        self._pretrained: Pretrained | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -134,8 +146,22 @@ class Engine:
                                       f"not {self.cfg.model.name}")
             return add_lora(base, lora.target_modules, lora.r, lora.alpha, lora.dropout), dict(card.model_kwargs)
         model_kwargs = {**task.model_kwargs(), **self.cfg.model.kwargs}
-        model = create_model(self.cfg.model.name, pretrained_path=self.cfg.model.pretrained_path, **model_kwargs)
+        model = create_model(self.cfg.model.name, **model_kwargs)
+        if self._pretrained is not None:
+            from shared.models import load_state
+
+            load_state(model, self._pretrained.state, self._pretrained.source)
         return model, model_kwargs
+
+    def _read_pretrained(self) -> Pretrained | None:
+        """The configured backbone weights (None without), read before the data so their normalisation can
+        apply; a backbone trained at another input size is said in the log and recorded in the card."""
+        ref = self.cfg.model.pretrained
+        if not ref:
+            return None
+        pre = read_pretrained(ref, self.store)
+        log.info("backbone weights", extra={"run_id": self.run_id, **pre.provenance})
+        return pre
 
     def _apply_freeze(self, model: torch.nn.Module, epoch: int) -> bool:
         """Set which backbone stages train at ``epoch`` (runs with ``freeze_backbone``); True when that changed."""
@@ -197,8 +223,14 @@ class Engine:
     def _run(self) -> RunResult:
         cfg, dist = self.cfg, self.dist
         runtime = self._setup_runtime()
-        task = build_task(cfg, runtime)
+        self._pretrained = self._read_pretrained()
+        task = build_task(backbone_config(cfg, self._pretrained), runtime)
         task.load()
+        if self._pretrained is not None and self._pretrained.input_size \
+                and list(task.input_size) != list(self._pretrained.input_size):
+            log.warning("fine-tuning at another input size than the backbone was trained at",
+                        extra={"run_id": self.run_id, "input_size": list(task.input_size),
+                               "backbone_input_size": self._pretrained.input_size})
         model, model_kwargs = self._build_model(task)
         model.to(runtime.device)
         if cfg.channels_last:
@@ -443,7 +475,9 @@ class Engine:
     def _finish(self, result: RunResult, task: Task, model_kwargs: dict, state: RunState, tracker, weights: bytes,
                 final: Evaluation, fresh: bool) -> None:
         """Log the final figures and the selected model; publish + register the export."""
-        card = build_card(self.cfg, task, model_kwargs, state, self.run_id, final)
+        backbone = self._pretrained.provenance if self._pretrained is not None else \
+            {"source": f"lora:{self.cfg.model.lora.base}"} if self.cfg.model.lora is not None else NO_BACKBONE
+        card = build_card(self.cfg, task, model_kwargs, state, self.run_id, final, backbone)
         files = task.export_files()
         if self.cfg.model.lora is not None:
             # Served as one plain model (the adapters folded in); the adapter is published beside it, and
