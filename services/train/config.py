@@ -72,7 +72,7 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    kind: Literal["mnist", "cifar10", "imagefolder", "synthetic", "trajectories", "tinyllava"]
+    kind: Literal["mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "trajectories", "tinyllava"]
     # A local directory, or a store URL/key prefix (file://..., s3://bucket/prefix) fetched to a cache first.
     path: PATH | None = None
     # Stratified training subset of this many samples (e.g. 5000 of CIFAR-10's 50000); None = all. It is
@@ -107,6 +107,8 @@ class DataConfig(_Strict):
     # Per-channel normalisation; None = the dataset's usual constants.
     mean: list[float] | None = Field(None, min_length=1, max_length=64)
     std: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, max_length=64)
+    # Only for kind=cifar100: the 100 fine classes or the 20 coarse superclasses (unset: fine).
+    labels: Literal["fine", "coarse"] | None = None
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # Only for kind=synthetic: generated class-dependent patterns (benchmarks, smoke tests).
     num_classes: int = Field(10, ge=2, le=100_000)
@@ -119,6 +121,15 @@ class DataConfig(_Strict):
     def _needs_path(self) -> DataConfig:
         if self.kind != "synthetic" and not self.path:
             raise ValueError(f"data.path is required for data.kind={self.kind}")
+        return self
+
+    @model_validator(mode="after")
+    def _label_set(self) -> DataConfig:
+        if self.labels is not None and self.kind != "cifar100":
+            raise ValueError(f"data.labels ({self.labels}) chooses CIFAR-100's label set; it applies only to "
+                             f"data.kind=cifar100, not {self.kind}")
+        if self.kind == "cifar100" and self.labels is None:
+            self.labels = "fine"  # spelt out, so the run's recorded config says which label set it trained on
         return self
 
 

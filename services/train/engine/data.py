@@ -15,7 +15,7 @@ from shared.preprocess import Normalizer
 from shared.storage import dataset_source
 
 # The usual normalisation constants per data kind, when the config gives none.
-_NORM_NAME = {"mnist": "mnist", "cifar10": "cifar10", "imagefolder": "imagenet"}
+_NORM_NAME = {"mnist": "mnist", "cifar10": "cifar10", "cifar100": "cifar100", "imagefolder": "imagenet"}
 # Float copies of the training set up to this size are kept in memory when there is no augmentation.
 _PRENORMALIZE_MAX_BYTES = 2 << 30
 
@@ -94,6 +94,8 @@ def _read(cfg: DataConfig, cache_root: Path) -> DataBundle:
         train, test = D.read_mnist(root, **src)
     elif cfg.kind == "cifar10":
         train, test = D.read_cifar10(root, **src)
+    elif cfg.kind == "cifar100":
+        train, test = D.read_cifar100(root, labels=cfg.labels, **src)
     else:
         # Image folders are decoded at the target size up front; no per-batch resize later.
         splits = D.read_image_folder_splits(root, size=cfg.image_size or 224, **src)
