@@ -25,6 +25,6 @@ from shared.models.logo import (  # noqa: E402  isort: skip
 
 __all__ = [
     "HEADS", "LayerRow", "Summary", "backbone_stages", "count_params", "create_model", "freeze_backbone",
-    "is_registered", "list_models", "load_pretrained", "load_state", "model_summary", "read_state_dict", "register_model",
-    "unfreeze_schedule", "unfreeze_stages",
+    "is_registered", "list_models", "load_pretrained", "load_state", "model_summary", "read_state_dict",
+    "register_model", "unfreeze_schedule", "unfreeze_stages",
 ]
