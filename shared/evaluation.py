@@ -115,3 +115,29 @@ def regression_metrics(sq_err: torch.Tensor, abs_err: torch.Tensor, count: int, 
         out[f"{prefix}_rmse_{axis}{suffix}"] = float(sq[i].sqrt())
         out[f"{prefix}_mae_{axis}{suffix}"] = float(ab[i])
     return out
+
+
+def probability_metrics(probs, labels, classes: list[str], split: str) -> dict[str, float]:
+    """The metrics a trained network reports for a split, from class probabilities (N x K, a tensor or an
+    array) and integer labels, for rows that are not networks (a feature baseline, an ensemble):
+    ``<split>_loss`` (mean negative log-likelihood, probabilities clipped at float64's epsilon as
+    scikit-learn's ``log_loss`` does), ``<split>_ece`` and everything ``classification_metrics`` names."""
+    import numpy as np
+
+    from shared.errors import InvalidArgument
+
+    p = torch.as_tensor(np.asarray(probs), dtype=torch.float64)
+    k = len(classes)
+    if p.ndim != 2 or p.shape[1] != k:
+        raise InvalidArgument(f"probabilities must be N x {k} (one column a class), got {tuple(p.shape)}")
+    y = torch.as_tensor(np.asarray(labels))
+    if p.shape[0] == 0 or y.shape != (p.shape[0],) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise InvalidArgument(f"need N >= 1 probabilities and N integer labels, got {tuple(p.shape)} and "
+                              f"{y.dtype} {tuple(y.shape)}")
+    y = y.long()
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        raise InvalidArgument(f"labels must be in 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
+    confusion = torch.bincount(y * k + p.argmax(1), minlength=k * k).view(k, k)
+    nll = -p.gather(1, y.unsqueeze(1)).clamp(min=torch.finfo(torch.float64).eps).log().mean()
+    return {f"{split}_loss": float(nll), f"{split}_ece": expected_calibration_error(calibration_bins(p, y)),
+            **classification_metrics(confusion, classes, prefix=split)}

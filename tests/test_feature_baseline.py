@@ -13,12 +13,11 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 from services.render.logos import CLASSES, LogoJob
 from services.train.studies.baselines import (
     FEATURE_NAMES,
-    evaluate_probs,
     fit_feature_baseline,
     image_features,
 )
 from shared.errors import InvalidArgument
-from shared.evaluation import calibration_bins, expected_calibration_error
+from shared.evaluation import calibration_bins, expected_calibration_error, probability_metrics
 
 
 def render_logos(train: int, val: int, size: int, seed: int = 0):
@@ -61,14 +60,14 @@ def test_baseline_classifies_rendered_logos_at_any_resolution(logos64):
     probs = model.predict_proba(val_x)
     assert probs.shape == (len(val_y), len(CLASSES))
     assert np.allclose(probs.sum(1), 1)
-    metrics = evaluate_probs(probs, val_y, list(CLASSES), "val")
+    metrics = probability_metrics(probs, val_y, list(CLASSES), "val")
     # Measured: 0.99-1.00 (seeds 0-2; simple logos 0.97-0.98, the rest 1.00); chance is 0.25.
     assert metrics["val_acc"] >= 0.9
     assert all(metrics[f"val_class_acc/{c}"] >= 0.8 for c in CLASSES), metrics
     assert 0 <= metrics["val_ece"] <= 0.2
     # Features are computed at one working size: the 64 px model reads the same logos drawn at 128 px.
     _, _, big_x, big_y = render_logos(1, 50, 128)  # the one train logo a class is unused
-    assert evaluate_probs(model.predict_proba(big_x), big_y, list(CLASSES), "val")["val_acc"] >= 0.9
+    assert probability_metrics(model.predict_proba(big_x), big_y, list(CLASSES), "val")["val_acc"] >= 0.9
 
 
 def test_predict_proba_has_a_column_for_a_class_absent_from_training(logos64):
@@ -84,7 +83,7 @@ def test_evaluate_probs_agrees_with_scikit_learn():
     probs[:5] = np.eye(3)[[1, 2, 0, 0, 1]]  # certain, and wrong for some: log-loss clips them
     labels = rng.integers(0, 3, size=200)
     labels[:5] = [0, 0, 0, 1, 1]
-    metrics = evaluate_probs(probs, torch.from_numpy(labels), ["a", "b", "c"], "test")
+    metrics = probability_metrics(probs, torch.from_numpy(labels), ["a", "b", "c"], "test")
     pred = probs.argmax(1)
     assert metrics["test_acc"] == pytest.approx(accuracy_score(labels, pred))
     assert metrics["test_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
@@ -104,10 +103,10 @@ def test_evaluate_probs_agrees_with_scikit_learn():
     lambda x, y: fit_feature_baseline(x, -y, seed=0),
     lambda x, y: fit_feature_baseline(x, torch.zeros_like(y), seed=0),
     lambda x, y: fit_feature_baseline(x, y, seed=0, num_classes=2),
-    lambda x, y: evaluate_probs(np.full((4, 3), 1 / 3), y, ["a", "b", "c", "d"], "val"),
-    lambda x, y: evaluate_probs(np.full((3, 4), 0.25), y, ["a", "b", "c", "d"], "val"),
-    lambda x, y: evaluate_probs(np.full((4, 4), 0.25), y + 1, ["a", "b", "c", "d"], "val"),
-    lambda x, y: evaluate_probs(np.zeros((0, 4)), y[:0], ["a", "b", "c", "d"], "val"),
+    lambda x, y: probability_metrics(np.full((4, 3), 1 / 3), y, ["a", "b", "c", "d"], "val"),
+    lambda x, y: probability_metrics(np.full((3, 4), 0.25), y, ["a", "b", "c", "d"], "val"),
+    lambda x, y: probability_metrics(np.full((4, 4), 0.25), y + 1, ["a", "b", "c", "d"], "val"),
+    lambda x, y: probability_metrics(np.zeros((0, 4)), y[:0], ["a", "b", "c", "d"], "val"),
 ], ids=["empty", "float-images", "two-channels", "three-dims", "label-count", "float-labels", "negative-labels",
         "one-class", "too-few-classes", "columns-vs-classes", "probs-vs-labels", "label-out-of-range",
         "empty-probs"])

@@ -1,7 +1,8 @@
 """EfficientNet-B0 with the logo study's classifier heads, and gradual unfreezing.
 
 The backbone is timm's ``efficientnet_b0`` unchanged, so a local timm checkpoint of it loads with
-``create_model("logo_efficientnet_b0", pretrained_path=...)`` (only the 1000-class classifier is skipped).
+``create_model("logo_efficientnet_b0", pretrained_path=...)`` (only the 1000-class classifier is skipped), and
+a training config loads a published model of it with ``model.pretrained: store:models/<name>/<version>``.
 
 Gradual unfreezing: the backbone is split into stages (stem, the 7 block groups, the 1x1 head conv);
 ``unfreeze_stages(model, n)`` makes the last ``n`` trainable, the classifier always is. The training

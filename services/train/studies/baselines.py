@@ -5,7 +5,7 @@ statistics, gradient statistics, edge density and a text-likeness measure, compu
 the engine trains on (``DataBundle.split``), fed to a gradient-boosted tree ensemble.
 
     model = fit_feature_baseline(train_x, train_y, seed=0)
-    metrics = evaluate_probs(model.predict_proba(val_x), val_y, classes, "val")
+    metrics = probability_metrics(model.predict_proba(val_x), val_y, classes, "val")
 
 Every image is first resized to ``WORK_SIZE`` x ``WORK_SIZE``, so the features (their number and, up to
 resampling, their values) do not depend on the input resolution; ``FEATURE_NAMES`` names the columns.
@@ -23,7 +23,6 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from shared.errors import InvalidArgument
-from shared.evaluation import calibration_bins, classification_metrics, expected_calibration_error
 
 # Below the sizes logo studies render (64-224 px), so every such input is shrunk, and then smoothed with a
 # 3x3 binomial filter: a drawn edge spans two or three working pixels whether the resize blended it or
@@ -215,23 +214,3 @@ def fit_feature_baseline(train_x: torch.Tensor | np.ndarray, train_y: torch.Tens
     forest = RandomForestClassifier(n_estimators=300, random_state=seed, n_jobs=1)
     pipeline = make_pipeline(StandardScaler(), forest).fit(image_features(x), y)
     return FeatureBaseline(pipeline, k)
-
-
-def evaluate_probs(probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, classes: list[str],
-                   split: str) -> dict[str, float]:
-    """The metrics a trained network reports for a split, from class probabilities (N x K) and labels:
-    ``<split>_loss`` (mean negative log-likelihood, probabilities clipped at float64's epsilon as
-    scikit-learn's ``log_loss`` does), ``<split>_ece`` and everything ``classification_metrics`` names."""
-    p = torch.as_tensor(np.asarray(probs), dtype=torch.float64)
-    if p.ndim != 2 or p.shape[1] != len(classes):
-        raise InvalidArgument(f"probabilities must be N x {len(classes)} (one column a class), got {tuple(p.shape)}")
-    if p.shape[0] == 0:
-        raise InvalidArgument("no samples to evaluate")
-    y = torch.from_numpy(_labels(labels, p.shape[0], "labels"))
-    k = len(classes)
-    if int(y.max()) >= k:
-        raise InvalidArgument(f"label {int(y.max())} is out of range for {k} classes")
-    confusion = torch.bincount(y * k + p.argmax(1), minlength=k * k).view(k, k)
-    nll = -p.gather(1, y.unsqueeze(1)).clamp(min=torch.finfo(torch.float64).eps).log().mean()
-    return {f"{split}_loss": float(nll), f"{split}_ece": expected_calibration_error(calibration_bins(p, y)),
-            **classification_metrics(confusion, classes, prefix=split)}

@@ -212,6 +212,13 @@ class StudyController:
         rec = self.record
         rec.state, rec.message, rec.finished = state, message, time.time()
         started = time.perf_counter()
+        if rec.spec.wants_extras and state == "SUCCEEDED":
+            try:
+                self.manager.write_extras(rec)
+            except Exception as exc:  # noqa: BLE001 - the trials' table is still worth a report
+                log.error("study extras failed", extra={"study": rec.study_id, "error": repr(exc)}, exc_info=True)
+                message = (message + "; " if message else "") + f"extra rows failed: {type(exc).__name__}: {exc}"
+                rec.message = message
         try:
             rec.report_uri = self.manager.write_report(rec)
         except Exception as exc:  # noqa: BLE001 - a report that cannot be built must not hide the outcome
@@ -364,6 +371,24 @@ class StudyManager:
                           tracking_uri=self.tracking_uri, tags=tags).start()
         tracker.set_tags(tags)
         tracker.close("FAILED" if failure else "KILLED")
+
+    def write_extras(self, record: StudyRecord) -> None:
+        """The baseline and ensemble rows, the selected model's int8 scores and error gallery, once per study
+        (a restarted study whose parent run already holds them skips this)."""
+        from mlflow import MlflowClient
+
+        from services.train.studies import extras
+
+        client = MlflowClient(self.tracking_uri or load_settings().mlflow_uri)
+        if extras.extras_done(client, record.parent_run_id):
+            return
+        data = study_report.collect(client, record.parent_run_id)
+        started = time.perf_counter()
+        doc, gallery = extras.compute_extras(record.spec, data, self.store, self.home / "cache" / "datasets")
+        doc["seconds"] = time.perf_counter() - started
+        extras.log_extras(self._parent(record).start(), doc, gallery)
+        log.info("study extras written", extra={"study": record.study_id, "rows": len(doc["rows"]),
+                                                "seconds": round(doc["seconds"], 1)})
 
     def write_report(self, record: StudyRecord) -> str:
         """Build the report from MLflow, publish it under ``studies/<id>/report`` and log it to the parent."""

@@ -58,6 +58,11 @@ class TrialData:
 class StudyData:
     study: dict[str, Any]  # the parent run's study.json
     trials: list[TrialData]
+    # services.train.studies.extras: the rows that are not trials (as TrialData), the selected model's int8
+    # scores, the class names, and its misclassified-images gallery.
+    extra_rows: list[TrialData] = field(default_factory=list)
+    extras: dict[str, Any] | None = None
+    gallery: bytes | None = None
 
     @property
     def axes(self) -> list[str]:
@@ -82,7 +87,30 @@ def collect(client, parent_run_id: str) -> StudyData:
         if run is not None:
             _fill(client, data, run)
         trials.append(data)
-    return StudyData(study, trials)
+    from services.train.studies.extras import read_extras
+
+    extras, gallery = read_extras(client, parent_run_id)
+    rows = []
+    first_axis = next(iter(study["spec"]["grid"]), "row")
+    for row in (extras or {}).get("rows", []):
+        t = TrialData(row["kind"], "", {first_axis: row["name"]}, {}, status=DONE, run_name=row["name"],
+                      metrics=derived(dict(row["metrics"])))
+        t.tags["trainyard.row"] = row["kind"]
+        rows.append(t)
+    return StudyData(study, trials, rows, extras, gallery)
+
+
+def derived(metrics: dict[str, float]) -> dict[str, float]:
+    """Adds what criteria and tables read beyond the logged metrics: the worst class's accuracy per split and
+    the batched per-image latency (from the largest batch's throughput)."""
+    for split in ("val", "test"):
+        per_class = [v for k, v in metrics.items() if k.startswith(f"{split}_class_acc/")]
+        if per_class:
+            metrics[f"min_{split}_class_acc"] = min(per_class)
+    sizes = sorted(int(k.rsplit("bs", 1)[1]) for k in metrics if k.startswith("bench_throughput_bs"))
+    if sizes and metrics[f"bench_throughput_bs{sizes[-1]}"] > 0 and "bench_batched_ms_per_image" not in metrics:
+        metrics["bench_batched_ms_per_image"] = 1000 / metrics[f"bench_throughput_bs{sizes[-1]}"]
+    return metrics
 
 
 def _fill(client, data: TrialData, run) -> None:
@@ -102,6 +130,7 @@ def _fill(client, data: TrialData, run) -> None:
             at = dict(data.history.get(key, []))
             if int(best) in at:
                 data.metrics[key] = at[int(best)]
+    derived(data.metrics)
 
 
 # ------------------------------------------------------------------------------------------------ cells
@@ -190,6 +219,17 @@ COLUMNS: dict[str, Column] = {
     "rmse_last_position": Column("Test RMSE last-position baseline", _metric("test_rmse_last_position"), _num(3)),
     "rmse_const_velocity": Column("Test RMSE const-velocity baseline", _metric("test_rmse_const_velocity"),
                                   _num(3)),
+    "backbone": Column("Backbone weights", lambda t: "n/a" if t.tags.get("trainyard.row") else (
+        t.params.get("model.pretrained") if t.params.get("model.pretrained") not in (None, "", "None")
+        else "none (random init)"), str, numeric=False),
+    "test_ece": Column("Test ECE", _metric("test_ece")),
+    "val_ece_calibrated": Column("Val ECE after temperature", _metric("val_ece_calibrated")),
+    "test_ece_calibrated": Column("Test ECE after temperature", _metric("test_ece_calibrated")),
+    "min_val_class_acc": Column("Worst class val acc %", _metric("min_val_class_acc"), _pct),
+    "min_test_class_acc": Column("Worst class test acc %", _metric("min_test_class_acc"), _pct),
+    "size_mb": Column("Size fp32 (MB)", _metric("bench_size_fp32_mb"), _num(2), benchmark=True),
+    "batched_ms": Column("Batched latency (ms/image)", _metric("bench_batched_ms_per_image"), _num(2),
+                         benchmark=True),
     "status": Column("Status", _status, str, numeric=False),
 }
 
@@ -209,6 +249,8 @@ def _cell(column: Column, trials: list[TrialData]) -> str:
     done = [t for t in trials if t.done]
     values = [v for v in (column.get(t) for t in done) if v is not None]
     if not values:
+        if done and all(t.tags.get("trainyard.row") for t in done):
+            return "n/a"  # a baseline or ensemble row: no training run, no benchmark of this figure
         if len(done) < len(trials):
             return _empty_reason([t for t in trials if not t.done])
         errors = sorted({t.tags["bench_error"] for t in done if t.tags.get("bench_error")})
@@ -284,12 +326,15 @@ def build_tables(data: StudyData) -> list[Table]:
     group_axes = [a for a in data.axes if a != "seed"]
     columns = [COLUMNS[c] for c in spec["report"]["columns"]]
     seeds = f" Mean ± std over seeds {spec['grid']['seed']}." if "seed" in spec["grid"] else ""
+    rows = [[*map(_label, key), *(_cell(c, ts) for c in columns)]
+            for key, ts in sorted(_group(data.trials, group_axes).items())]
+    rows += [[t.run_name, *("-" for _ in group_axes[1:]), *(_cell(c, [t]) for c in columns)] for t in data.extra_rows]
     results = Table(
-        "Training results", [*group_axes, *(c.header for c in columns)],
-        [[*map(_label, key), *(_cell(c, ts) for c in columns)] for key, ts in sorted(_group(data.trials, group_axes)
-                                                                                    .items())],
+        "Training results", [*(group_axes or ["Row"]), *(c.header for c in columns)], rows,
         note="Val: the split selection saw, at each trial's selected epoch. Test: evaluated once, at the end, on the "
-             f"selected checkpoint. Train: eval mode, no augmentation, on a fixed sample of the training data.{seeds}")
+             f"selected checkpoint. Train: eval mode, no augmentation, on a fixed sample of the training data.{seeds}"
+             + (" The rows after the trials are not training runs: they are scored on the same validation and test "
+                "splits (see below)." if data.extra_rows else ""))
     tables = [results]
     model, size = _model_axis(data), _size_axis(data)
     if model:
@@ -310,10 +355,97 @@ def build_tables(data: StudyData) -> list[Table]:
             rows.append([_label(m), *cells])
         tables.append(Table("Sample efficiency (val acc % by training-set size)", ["Model", *map(str, sizes)], rows))
         tables.append(_summary(data, model, size, sizes))
+    tables += _extras_tables(data, model)
     failed = [t for t in data.trials if t.status in ("FAILED", "pruned", "cancelled")]
     if failed:
         tables.append(Table("Trials that did not finish", ["Trial", *data.axes, "Status"],
                             [[t.trial_id, *(str(t.axes.get(a)) for a in data.axes), _status(t)] for t in failed]))
+    return tables
+
+
+def _rows_side_by_side(data: StudyData, model: str | None) -> list[tuple[str, list[TrialData]]]:
+    """Each model (or trial group) of the study, then each extra row, with the runs that give its figures."""
+    group_axes = [model] if model else [a for a in data.axes if a != "seed"]
+    out = [(" ".join(map(_label, key)) or "all", ts) for key, ts in sorted(_group(data.trials, group_axes).items())]
+    return out + [(t.run_name, [t]) for t in data.extra_rows]
+
+
+def selected_trial(data: StudyData) -> TrialData | None:
+    """The finished trial best on the study's objective (validation): the selection rule's pick."""
+    spec = data.study["spec"]
+    metric, sign = spec["objective"]["metric"], 1 if spec["objective"]["direction"] == "maximize" else -1
+    done = [t for t in data.trials if t.done and t.value(metric) is not None]
+    return max(done, key=lambda t: sign * t.value(metric)) if done else None
+
+
+def _criterion_cell(crit: dict[str, Any], t: TrialData | None) -> str:
+    value = t.value(crit["metric"]) if t is not None else None
+    if value is None:
+        return "not measured"
+    ok = (crit.get("min") is None or value > crit["min"]) and (crit.get("max") is None or value < crit["max"])
+    fmt = _pct if crit["metric"].endswith(("_acc", "acc")) else _num(2)
+    return f"{fmt(value)} {'met' if ok else 'NOT met'}"
+
+
+def _target(crit: dict[str, Any]) -> str:
+    pct = crit["metric"].endswith("acc")
+    show = (lambda v: f"{100 * v:g}%") if pct else (lambda v: f"{v:g}")
+    parts = ([f"> {show(crit['min'])}"] if crit.get("min") is not None else []) + (
+        [f"< {show(crit['max'])}"] if crit.get("max") is not None else [])
+    return " and ".join(parts)
+
+
+def _extras_tables(data: StudyData, model: str | None) -> list[Table]:
+    spec = data.study["spec"]
+    tables: list[Table] = []
+    classes = (data.extras or {}).get("classes") or sorted(
+        {k.split("/", 1)[1] for t in data.trials for k in t.metrics if k.startswith("test_class_acc/")})
+    sides = _rows_side_by_side(data, model)
+    if "per_class" in spec["report"]["plots"] and classes:
+        for split, note in (("test", "evaluated once, at the end"), ("val", "the split selection saw")):
+            rows = [[c, *(_cell(Column("", _metric(f"{split}_class_acc/{c}"), _pct), ts) for _, ts in sides)]
+                    for c in classes]
+            rows.append(["all", *(_cell(COLUMNS[f"{split}_acc"], ts) for _, ts in sides)])
+            tables.append(Table(f"Per-class accuracy % ({split}: {note})", ["Class", *(n for n, _ in sides)], rows))
+    best = selected_trial(data)
+    rows_by_kind = {t.tags["trainyard.row"]: t for t in data.extra_rows}
+    if spec.get("criteria"):
+        candidates = [(f"Selected: {best.run_name}" if best else "Selected: none finished", best)]
+        candidates += [(t.run_name, t) for t in data.extra_rows]
+        tables.append(Table(
+            "Success criteria", ["Criterion", "Target", *(n for n, _ in candidates)],
+            [[c.get("label") or c["metric"], _target(c), *(_criterion_cell(c, t) for _, t in candidates)]
+             for c in spec["criteria"]],
+            note="The selected model is the trial best on the objective (validation); its test figures come from "
+                 "its one final evaluation. Size, latency and memory are its benchmark's (CPU, fp32)."))
+    selected = (data.extras or {}).get("selected")
+    if best is not None and selected and selected.get("trial_id") == best.trial_id:
+        int8 = selected["int8"]
+        m = best.value
+
+        def fp(key: str) -> str:
+            return _num(2)(m(key))
+
+        tables.append(Table(
+            f"Selected model {best.run_name}: fp32 and its int8 variant",
+            ["Figure", "fp32", "int8 (dynamic, Linear layers)"],
+            [["Val acc %", _pct(m("val_acc")), _pct(int8.get("val_acc"))],
+             ["Test acc %", _pct(m("test_acc")), _pct(int8.get("test_acc"))],
+             ["Size (MB)", fp("bench_size_fp32_mb"), fp("bench_size_int8_mb")],
+             ["Latency batch 1 (ms, p50)", fp("bench_latency_p50_ms"), fp("bench_int8_latency_p50_ms")],
+             ["Batched latency (ms/image)", fp("bench_batched_ms_per_image"), "not measured"],
+             ["Peak memory (MB)", fp("bench_peak_memory_mb"), "not measured"],
+             ["Val ECE", _num(4)(m("val_ece")), _num(4)(int8.get("val_ece"))],
+             ["Test ECE", _num(4)(m("test_ece")), _num(4)(int8.get("test_ece"))],
+             ["Val ECE after temperature", _num(4)(m("val_ece_calibrated")), "-"],
+             ["Test ECE after temperature", _num(4)(m("test_ece_calibrated")), "-"],
+             ["Temperature (fitted on val)", _num(3)(m("temperature")), "-"]],
+            note=f"int8: {int(int8.get('quantized_linear_layers', 0))} Linear layers quantized dynamically "
+                 "(shared.quantize, what the inference server's --quantize serves); convolutions stay fp32."))
+    if "ensemble" in rows_by_kind:
+        ens = next(r for r in data.extras["rows"] if r["kind"] == "ensemble")
+        tables.append(Table("Ensemble members", ["Member (best on the objective first)"],
+                            [[m] for m in ens.get("members", [])]))
     return tables
 
 
@@ -416,6 +548,22 @@ def build_figures(data: StudyData) -> dict[str, Any]:
             ax.legend(fontsize=6)
         fig.tight_layout()
         figures["loss_curves.png"] = fig
+    classes = (data.extras or {}).get("classes") or []
+    if "per_class" in wanted and classes:
+        sides = [(name, ts) for name, ts in _rows_side_by_side(data, model) if any(t.done for t in ts)]
+        fig = Figure(figsize=(max(6, 1.2 * len(classes) * max(1, len(sides)) / 2), 4))
+        ax = fig.subplots()
+        width = 0.8 / max(1, len(sides))
+        for i, (name, ts) in enumerate(sides):
+            ys = [100 * (_mean(ts, f"test_class_acc/{c}") or 0) for c in classes]
+            ax.bar([j + i * width for j in range(len(classes))], ys, width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes)
+        ax.set_ylabel("test acc % (once, at end)")
+        ax.set_ylim(0, 100)
+        ax.set_title("Per-class test accuracy")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        figures["per_class_test.png"] = fig
     if "overfit_gap" in wanted and done:
         fig = Figure(figsize=(7, 4))
         ax = fig.subplots()
@@ -462,6 +610,8 @@ def build_report(data: StudyData) -> Report:
     title = spec["report"].get("title") or f"Study {spec['name']}"
     tables = build_tables(data)
     pngs = {name: _png(fig) for name, fig in sorted(build_figures(data).items())}
+    if data.gallery is not None and "misclassified" in spec["report"]["plots"]:
+        pngs["misclassified_test.png"] = data.gallery
     counts: dict[str, int] = {}
     for t in data.trials:
         status = t.status.lower()

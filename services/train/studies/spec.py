@@ -43,7 +43,11 @@ MAX_TRIALS = 500
 # Columns of the training-results table (services.train.studies.report.COLUMNS has their definitions).
 DEFAULT_COLUMNS = ["params", "train_acc", "val_acc", "test_acc", "gap", "train_loss", "val_loss", "epochs",
                    "train_time", "status"]
-PLOTS = ("accuracy_vs_size", "params_vs_accuracy", "latency_vs_accuracy", "loss_curves", "overfit_gap")
+DEFAULT_PLOTS = ("accuracy_vs_size", "params_vs_accuracy", "latency_vs_accuracy", "loss_curves", "overfit_gap")
+# On request: per-class accuracy of every row side by side, and the selected model's misclassified test images.
+PLOTS = (*DEFAULT_PLOTS, "per_class", "misclassified")
+# Rows that are not training runs (services.train.studies.extras).
+BASELINES = ("image_features",)
 
 
 class _Strict(BaseModel):
@@ -97,9 +101,30 @@ class StudyBenchmark(BenchmarkConfig):
     enabled: bool = True  # a study measures every trial's model unless told not to
 
 
+class EnsembleSpec(_Strict):
+    # The k finished trials best on the objective (validation) average their probabilities.
+    top_k: int = Field(3, ge=2, le=20)
+
+
+class Criterion(_Strict):
+    """A success criterion the report checks for the selected model (and the baseline and ensemble rows):
+    a report metric (a trial metric such as ``test_acc`` or ``bench_peak_memory_mb``, or a derived one:
+    ``min_val_class_acc``, ``min_test_class_acc``, ``bench_batched_ms_per_image``) within ``min``/``max``."""
+    metric: str = Field(min_length=1, max_length=200)
+    min: float | None = None
+    max: float | None = None
+    label: str | None = Field(None, max_length=200)
+
+    @model_validator(mode="after")
+    def _bound(self) -> Criterion:
+        if self.min is None and self.max is None:
+            raise ValueError(f"criterion {self.metric}: give min, max or both")
+        return self
+
+
 class ReportSpec(_Strict):
     columns: list[str] = Field(default_factory=lambda: list(DEFAULT_COLUMNS))
-    plots: list[Literal[PLOTS]] = Field(default_factory=lambda: list(PLOTS))  # type: ignore[valid-type]
+    plots: list[Literal[PLOTS]] = Field(default_factory=lambda: list(DEFAULT_PLOTS))  # type: ignore[valid-type]
     title: str | None = None
 
 
@@ -116,6 +141,15 @@ class StudySpec(_Strict):
     failure_budget: int = Field(0, ge=0)
     benchmark: StudyBenchmark = Field(default_factory=StudyBenchmark)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    baselines: list[Literal[BASELINES]] = Field(  # type: ignore[valid-type]
+        default_factory=list, max_length=len(BASELINES))
+    ensemble: EnsembleSpec | None = None
+    criteria: list[Criterion] = Field(default_factory=list, max_length=50)
+
+    @property
+    def wants_extras(self) -> bool:
+        """Whether the study computes rows beyond its trials (services.train.studies.extras)."""
+        return bool(self.baselines or self.ensemble or self.criteria or "misclassified" in self.report.plots)
 
     @field_validator("name")
     @classmethod
@@ -196,8 +230,10 @@ def load_spec(text: str, source: str = "study spec", base_dir: Path | None = Non
 
 
 def study_id(spec: StudySpec) -> str:
-    """``<name>-<hash of the normalised spec>``: the same spec always names the same study."""
-    blob = json.dumps(spec.model_dump(mode="json", exclude={"base"}), sort_keys=True).encode()
+    """``<name>-<hash of the normalised spec>``: the same spec always names the same study. Fields added later
+    count only when set, so a spec written before them keeps its id."""
+    later = {name for name in ("baselines", "ensemble", "criteria") if not getattr(spec, name)}
+    blob = json.dumps(spec.model_dump(mode="json", exclude={"base", *later}), sort_keys=True).encode()
     return f"{slug(spec.name, 24)}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
