@@ -1,4 +1,5 @@
-"""`trainyard models list|summary`: the model zoo and a model's layer-by-layer table."""
+"""`trainyard models list|summary|promote|weights`: the model zoo, a model's layer-by-layer table, registry
+aliases, and a published model's weights as a local file another config can start from."""
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,24 @@ def cmd_models_promote(name: str, version: int, alias: str) -> str:
     return f"{name}@{alias} -> version {version}"
 
 
+def models_weights(ref: str, out: str) -> dict[str, Any]:
+    """Write the published model ``ref`` (``store:models/<name>[/<version>]``) to ``out`` (.safetensors) with
+    its architecture, input size and normalisation in the file's metadata, for ``model.pretrained: <out>``."""
+    from shared.models.pretrained import read_pretrained, write_weights_file
+    from shared.storage import open_store
+
+    pre = read_pretrained(ref if ref.startswith(("store:", "models")) else f"store:models/{ref}", open_store())
+    path = write_weights_file(pre, out)
+    return {"path": str(path), **pre.provenance}
+
+
 def _run(args) -> int:
+    if args.action == "weights":
+        if not args.name or not args.out:
+            raise SystemExit("trainyard models weights needs a published model (name[/version]) and --out FILE")
+        info = models_weights(args.name, args.out)
+        emit(args, info, lambda: f"wrote {info['path']} from {info['source']} (sha256 {info['sha256'][:12]}...)")
+        return 0
     if args.action == "list":
         pattern, include_timm = _list_args(args)
         rows = models_list(pattern, include_timm)
@@ -97,10 +115,13 @@ def _run(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo, print a model's layer-by-layer summary, or point a "
-                                      "registry alias (champion, challenger) at a published version")
-    p.add_argument("action", choices=["list", "summary", "promote"])
-    p.add_argument("name", nargs="?", help="summary: the architecture; promote: the published model's name")
+    p = sub.add_parser("models", help="list the model zoo, print a model's layer-by-layer summary, point a "
+                                      "registry alias (champion, challenger) at a published version, or write a "
+                                      "published model's weights to a file (weights)")
+    p.add_argument("action", choices=["list", "summary", "promote", "weights"])
+    p.add_argument("name", nargs="?", help="summary: the architecture; promote: the published model's name; "
+                                           "weights: the published model, name[/version] or store:models/...")
+    p.add_argument("--out", help="weights: the .safetensors file to write (model.pretrained: FILE loads it)")
     p.add_argument("--version", type=int, help="promote: the version the alias should name")
     p.add_argument("--alias", default="champion", help="promote: the alias (default champion)")
     p.add_argument("--input", default="1x28x28", help="summary: input size CxHxW")

@@ -4,6 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -324,7 +327,7 @@ def test_fine_tune_from_a_platform_made_backbone(home, tmp_path):
     ``store:models/<name>/<version>``: the backbone loads, its normalisation travels, epoch 1 trains the head
     only, epoch 2 everything, and the card records where the weights came from. A local file written from the
     published model loads the same way."""
-    from shared.models.pretrained import read_pretrained, write_weights_file
+    from shared.models.pretrained import read_pretrained
 
     store = open_store(tmp_path / "store")
     data = {"kind": "synthetic", "num_classes": 6, "channels": 3, "image_size": 32, "train_size": 64,
@@ -348,10 +351,10 @@ def test_fine_tune_from_a_platform_made_backbone(home, tmp_path):
     e1 = ckpt.load_checkpoint(store, ckpt.epoch_prefix("tl-run", 1)).model_state
     e2 = ckpt.load_checkpoint(store, ckpt.epoch_prefix("tl-run", 2)).model_state
     stem = "conv_stem.weight"
-    head = next(k for k in e1 if k.startswith("classifier") and k.endswith("weight"))
+    head = "classifier.1.weight"  # mlp128bn's first layer: Dropout, Linear(1280, 128), ...
     assert torch.equal(e1[stem], published[stem])  # loaded, then frozen in epoch 1
     assert torch.equal(e1["bn1.running_mean"], published["bn1.running_mean"])  # frozen BN statistics too
-    assert e1[head].shape[0] == 128 and not torch.equal(e1[head], e2[head])  # a new head, training
+    assert e1[head].shape == (128, 1280) and not torch.equal(e1[head], e2[head])  # a new head, training
     assert not torch.equal(e2[stem], e1[stem])  # unfrozen in epoch 2
     _, card = load_published(store, "logo-tuned")
     weights_sha = hashlib.sha256(store.get_bytes(f"{model_prefix('shapes-backbone', 1)}/model.safetensors"))
@@ -359,7 +362,13 @@ def test_fine_tune_from_a_platform_made_backbone(home, tmp_path):
     assert card.backbone["sha256"] == weights_sha.hexdigest()
     assert card.normalization.model_dump() == {"mean": data["mean"], "std": data["std"]}  # travelled
 
-    path = write_weights_file(read_pretrained("store:models/shapes-backbone/1", store), tmp_path / "bb.safetensors")
+    # `trainyard models weights` writes the published model as a local file that carries what came with it.
+    path = tmp_path / "bb.safetensors"
+    wrote = subprocess.run([sys.executable, "-m", "cli", "models", "weights", "shapes-backbone/1", "--out", str(path),
+                            "--json"], capture_output=True, text=True, env={**os.environ, "TRAINYARD_STORE": str(
+                                tmp_path / "store")}, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert wrote.returncode == 0, wrote.stderr
+    assert json.loads(wrote.stdout)["sha256"] == weights_sha.hexdigest()
     from_file = read_pretrained(str(path))
     assert (from_file.architecture, from_file.mean, from_file.input_size) == (
         "logo_efficientnet_b0", data["mean"], [3, 32, 32])
