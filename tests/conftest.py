@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,13 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINYARD_PROGRESS", "0")
     monkeypatch.delenv("TRAINYARD_PUSHGATEWAY", raising=False)
     return tmp_path / "home"
+
+
+@pytest.fixture
+def study_env(tmp_path, monkeypatch, mlflow_server, s3_store_url) -> Path:
+    """A study's environment: a fresh TRAINYARD_HOME (returned), the S3 store and MLflow server, no progress bars."""
+    home = tmp_path / "home"
+    for key, value in {"TRAINYARD_HOME": str(home), "TRAINYARD_STORE": s3_store_url, "TRAINYARD_PROGRESS": "0",
+                       "MLFLOW_TRACKING_URI": mlflow_server.uri}.items():
+        monkeypatch.setenv(key, value)
+    return home

@@ -45,11 +45,7 @@ report:
 
 
 @pytest.mark.slow
-def test_baseline_ensemble_and_criteria_rows(tmp_path, monkeypatch, mlflow_server, s3_store_url):
-    home = tmp_path / "home"
-    for key, value in {"TRAINYARD_HOME": str(home), "TRAINYARD_STORE": s3_store_url, "TRAINYARD_PROGRESS": "0",
-                       "MLFLOW_TRACKING_URI": mlflow_server.uri}.items():
-        monkeypatch.setenv(key, value)
+def test_baseline_ensemble_and_criteria_rows(tmp_path, study_env, mlflow_server, s3_store_url):
     data = tmp_path / "logos"
     render(RenderSpec("logos", str(data), count=240, seed=5,
                       options={"image_size": 32, "val_per_class": 20, "test_per_class": 30}))

@@ -62,12 +62,9 @@ def _kill_when_trained_an_epoch(home: Path, run_id: str, done: dict) -> None:
 
 
 @pytest.mark.slow
-def test_study_fans_out_survives_failure_and_kill_and_reports_from_mlflow(tmp_path, monkeypatch, mlflow_server,
+def test_study_fans_out_survives_failure_and_kill_and_reports_from_mlflow(tmp_path, study_env, mlflow_server,
                                                                           s3_store_url):
-    home = tmp_path / "home"
-    for key, value in {"TRAINYARD_HOME": str(home), "TRAINYARD_STORE": s3_store_url, "TRAINYARD_PROGRESS": "0",
-                       "MLFLOW_TRACKING_URI": mlflow_server.uri}.items():
-        monkeypatch.setenv(key, value)
+    home = study_env
     store = open_store(s3_store_url)
     spec = load_spec(SPEC)
     sid = study_id(spec)

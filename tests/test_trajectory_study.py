@@ -21,11 +21,7 @@ EXTRACTORS = ["traj_i3d", "traj_slowfast", "traj_transformer", "traj_magvit"]
 
 
 @pytest.mark.slow
-def test_four_extractors_side_by_side(tmp_path, monkeypatch, mlflow_server, s3_store_url):
-    home = tmp_path / "home"
-    for key, value in {"TRAINYARD_HOME": str(home), "TRAINYARD_STORE": s3_store_url, "TRAINYARD_PROGRESS": "0",
-                       "MLFLOW_TRACKING_URI": mlflow_server.uri}.items():
-        monkeypatch.setenv(key, value)
+def test_four_extractors_side_by_side(tmp_path, study_env, mlflow_server, s3_store_url):
     data = tmp_path / "data"
     run_sharded(TrajectoryJob(total=2000, shard_size=100, seed=3), open_store(data), "trajectories", workers=2)
 
