@@ -40,7 +40,7 @@ criteria:
   - {{metric: bench_peak_memory_mb, max: 200}}
 report:
   columns: [backbone, val_acc, test_acc, min_test_class_acc, test_ece, latency_ms, batched_ms, status]
-  plots: [per_class, misclassified]
+  plots: [accuracy_curves, per_class, misclassified]
 """
 
 
@@ -88,7 +88,7 @@ def test_baseline_ensemble_and_criteria_rows(tmp_path, study_env, mlflow_server,
     report = written["report.md"].decode()
     for needle in ("image features + ", "ensemble of the top 2", "### Per-class accuracy % (test",
                    "### Success criteria", "fp32 and its int8 variant", "| test accuracy | > 30% |",
-                   "none (random init)", "![misclassified_test.png]"):
+                   "none (random init)", "![misclassified_test.png]", "![accuracy_curves.png]"):
         assert needle in report, needle
     criteria = report.split("### Success criteria")[1].split("###")[0]
     assert "NOT met" in criteria and " met" in criteria  # 99% per class is out of reach here

@@ -548,6 +548,24 @@ def build_figures(data: StudyData) -> dict[str, Any]:
             ax.legend(fontsize=6)
         fig.tight_layout()
         figures["loss_curves.png"] = fig
+    if "accuracy_curves" in wanted and done:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        for t in done:
+            hist = t.history.get("val_acc", [])
+            if hist:
+                steps, values = zip(*hist, strict=True)
+                ax.plot(steps, [100 * v for v in values], marker=".", linewidth=1, label=t.run_name or t.trial_id)
+        for t in data.extra_rows:
+            if t.value("val_acc") is not None:
+                ax.axhline(100 * t.value("val_acc"), linestyle=":", linewidth=1, color="gray")
+                ax.annotate(t.run_name, (1, 100 * t.value("val_acc")), fontsize=6, color="gray")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val acc %")
+        ax.set_title("Validation accuracy by epoch (dotted: rows that are not training runs)")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        figures["accuracy_curves.png"] = fig
     classes = (data.extras or {}).get("classes") or []
     if "per_class" in wanted and classes:
         sides = [(name, ts) for name, ts in _rows_side_by_side(data, model) if any(t.done for t in ts)]

@@ -44,8 +44,9 @@ MAX_TRIALS = 500
 DEFAULT_COLUMNS = ["params", "train_acc", "val_acc", "test_acc", "gap", "train_loss", "val_loss", "epochs",
                    "train_time", "status"]
 DEFAULT_PLOTS = ("accuracy_vs_size", "params_vs_accuracy", "latency_vs_accuracy", "loss_curves", "overfit_gap")
-# On request: per-class accuracy of every row side by side, and the selected model's misclassified test images.
-PLOTS = (*DEFAULT_PLOTS, "per_class", "misclassified")
+# On request: validation accuracy by epoch, per-class accuracy of every row side by side, and the selected
+# model's misclassified test images.
+PLOTS = (*DEFAULT_PLOTS, "accuracy_curves", "per_class", "misclassified")
 # Rows that are not training runs (services.train.studies.extras).
 BASELINES = ("image_features",)
 
