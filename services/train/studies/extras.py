@@ -100,9 +100,9 @@ def compute_extras(spec: StudySpec, data, store, cache_root: Path) -> tuple[dict
         doc["rows"].append({"kind": "baseline", "name": f"image features + {classifier}", "metrics": metrics,
                             "detail": f"{len(FEATURE_NAMES)} hand-made features: {', '.join(FEATURE_NAMES)}"})
 
-    objective, sign = spec.objective.metric, 1.0 if spec.objective.direction == "maximize" else -1.0
-    ranked = sorted((t for t in data.trials if t.done and _trial_uri(t) and t.value(objective) is not None),
-                    key=lambda t: -sign * t.value(objective))
+    from services.train.studies.report import ranked_trials
+
+    ranked = [t for t in ranked_trials(data) if _trial_uri(t)]
     loaded: dict[str, tuple[torch.nn.Module, Any]] = {}
 
     def load(t):

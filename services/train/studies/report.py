@@ -370,12 +370,18 @@ def _rows_side_by_side(data: StudyData, model: str | None) -> list[tuple[str, li
     return out + [(t.run_name, [t]) for t in data.extra_rows]
 
 
-def selected_trial(data: StudyData) -> TrialData | None:
-    """The finished trial best on the study's objective (validation): the selection rule's pick."""
+def ranked_trials(data: StudyData) -> list[TrialData]:
+    """Finished trials, best on the study's objective (validation) first; ties keep the spec's order."""
     spec = data.study["spec"]
     metric, sign = spec["objective"]["metric"], 1 if spec["objective"]["direction"] == "maximize" else -1
-    done = [t for t in data.trials if t.done and t.value(metric) is not None]
-    return max(done, key=lambda t: sign * t.value(metric)) if done else None
+    return sorted((t for t in data.trials if t.done and t.value(metric) is not None),
+                  key=lambda t: -sign * t.value(metric))
+
+
+def selected_trial(data: StudyData) -> TrialData | None:
+    """The selection rule's pick: the finished trial best on the objective."""
+    ranked = ranked_trials(data)
+    return ranked[0] if ranked else None
 
 
 def _criterion_cell(crit: dict[str, Any], t: TrialData | None) -> str:
@@ -410,14 +416,16 @@ def _extras_tables(data: StudyData, model: str | None) -> list[Table]:
     best = selected_trial(data)
     rows_by_kind = {t.tags["trainyard.row"]: t for t in data.extra_rows}
     if spec.get("criteria"):
-        candidates = [(f"Selected: {best.run_name}" if best else "Selected: none finished", best)]
+        candidates = [(f"{t.run_name or t.trial_id}{' (selected)' if t is best else ''}", t)
+                      for t in ranked_trials(data)]
         candidates += [(t.run_name, t) for t in data.extra_rows]
         tables.append(Table(
             "Success criteria", ["Criterion", "Target", *(n for n, _ in candidates)],
             [[c.get("label") or c["metric"], _target(c), *(_criterion_cell(c, t) for _, t in candidates)]
              for c in spec["criteria"]],
-            note="The selected model is the trial best on the objective (validation); its test figures come from "
-                 "its one final evaluation. Size, latency and memory are its benchmark's (CPU, fp32)."))
+            note="Trials best on the objective (validation) first; the selected model is the first. Test figures "
+                 "come from each trial's one final evaluation; size, latency and memory from its benchmark (CPU, "
+                 "fp32)."))
     selected = (data.extras or {}).get("selected")
     if best is not None and selected and selected.get("trial_id") == best.trial_id:
         int8 = selected["int8"]
