@@ -81,10 +81,10 @@ def cmd_models_promote(name: str, version: int, alias: str) -> str:
 def models_weights(ref: str, out: str) -> dict[str, Any]:
     """Write the published model ``ref`` (``store:models/<name>[/<version>]``) to ``out`` (.safetensors) with
     its architecture, input size and normalisation in the file's metadata, for ``model.pretrained: <out>``."""
-    from shared.models.pretrained import read_pretrained, write_weights_file
+    from shared.models.pretrained import is_published_ref, read_pretrained, write_weights_file
     from shared.storage import open_store
 
-    pre = read_pretrained(ref if ref.startswith(("store:", "models")) else f"store:models/{ref}", open_store())
+    pre = read_pretrained(ref if is_published_ref(ref) else f"store:models/{ref}", open_store())
     path = write_weights_file(pre, out)
     return {"path": str(path), **pre.provenance}
 

@@ -97,7 +97,8 @@ class Engine:
             self.events = EventWriter(events_path or default_events_path(run_id), run_id, self.store)
         self.timings: list[dict[str, float]] = []
         self._stages: int | str | None = None
-        self._pretrained: Pretrained | None = None
+        # Where the weights started (the card's ``backbone``); the weights themselves are not kept.
+        self._backbone: dict = NO_BACKBONE
 
     # ------------------------------------------------------------ setup
 
@@ -130,7 +131,7 @@ class Engine:
         return Runtime(device=device, dist=self.dist, amp=amp, cache_root=self.settings.home / "cache" / "datasets",
                        store=self.store)
 
-    def _build_model(self, task: Task) -> tuple[torch.nn.Module, dict]:
+    def _build_model(self, task: Task, pretrained: Pretrained | None) -> tuple[torch.nn.Module, dict]:
         from shared.models import create_model
 
         lora = self.cfg.model.lora
@@ -147,10 +148,10 @@ class Engine:
             return add_lora(base, lora.target_modules, lora.r, lora.alpha, lora.dropout), dict(card.model_kwargs)
         model_kwargs = {**task.model_kwargs(), **self.cfg.model.kwargs}
         model = create_model(self.cfg.model.name, **model_kwargs)
-        if self._pretrained is not None:
+        if pretrained is not None:
             from shared.models import load_state
 
-            load_state(model, self._pretrained.state, self._pretrained.source)
+            load_state(model, pretrained.state, pretrained.source)
         return model, model_kwargs
 
     def _read_pretrained(self) -> Pretrained | None:
@@ -223,15 +224,20 @@ class Engine:
     def _run(self) -> RunResult:
         cfg, dist = self.cfg, self.dist
         runtime = self._setup_runtime()
-        self._pretrained = self._read_pretrained()
-        task = build_task(backbone_config(cfg, self._pretrained), runtime)
+        pretrained = self._read_pretrained()
+        task = build_task(backbone_config(cfg, pretrained), runtime)
         task.load()
-        if self._pretrained is not None and self._pretrained.input_size \
-                and list(task.input_size) != list(self._pretrained.input_size):
+        if pretrained is not None and pretrained.input_size \
+                and list(task.input_size) != list(pretrained.input_size):
             log.warning("fine-tuning at another input size than the backbone was trained at",
                         extra={"run_id": self.run_id, "input_size": list(task.input_size),
-                               "backbone_input_size": self._pretrained.input_size})
-        model, model_kwargs = self._build_model(task)
+                               "backbone_input_size": pretrained.input_size})
+        model, model_kwargs = self._build_model(task, pretrained)
+        if pretrained is not None:
+            self._backbone = pretrained.provenance
+        elif cfg.model.lora is not None:
+            self._backbone = {"source": f"lora:{cfg.model.lora.base}"}
+        del pretrained  # its weights are in the model now: no second copy held for the whole run
         model.to(runtime.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -475,9 +481,7 @@ class Engine:
     def _finish(self, result: RunResult, task: Task, model_kwargs: dict, state: RunState, tracker, weights: bytes,
                 final: Evaluation, fresh: bool) -> None:
         """Log the final figures and the selected model; publish + register the export."""
-        backbone = self._pretrained.provenance if self._pretrained is not None else \
-            {"source": f"lora:{self.cfg.model.lora.base}"} if self.cfg.model.lora is not None else NO_BACKBONE
-        card = build_card(self.cfg, task, model_kwargs, state, self.run_id, final, backbone)
+        card = build_card(self.cfg, task, model_kwargs, state, self.run_id, final, self._backbone)
         files = task.export_files()
         if self.cfg.model.lora is not None:
             # Served as one plain model (the adapters folded in); the adapter is published beside it, and

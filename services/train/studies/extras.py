@@ -104,6 +104,7 @@ def compute_extras(spec: StudySpec, data, store, cache_root: Path) -> tuple[dict
 
     ranked = [t for t in ranked_trials(data) if _trial_uri(t)]
     loaded: dict[str, tuple[torch.nn.Module, Any]] = {}
+    scored: dict[tuple[str, str], torch.Tensor] = {}
 
     def load(t):
         if t.trial_id not in loaded:
@@ -111,11 +112,17 @@ def compute_extras(spec: StudySpec, data, store, cache_root: Path) -> tuple[dict
             loaded[t.trial_id] = load_published(store, ref.name, ref.version)
         return loaded[t.trial_id]
 
+    def probs_of(t, split: str) -> torch.Tensor:
+        """A trial's probabilities on a split, computed once (the ensemble and the gallery share them)."""
+        if (t.trial_id, split) not in scored:
+            scored[t.trial_id, split] = model_probs(*load(t), splits[split][0])
+        return scored[t.trial_id, split]
+
     if spec.ensemble is not None and len(ranked) >= 2:
         members = ranked[:spec.ensemble.top_k]
         metrics = {}
-        for split, (x, y) in splits.items():
-            probs = torch.stack([model_probs(*load(t), x) for t in members]).mean(0)
+        for split, (_, y) in splits.items():
+            probs = torch.stack([probs_of(t, split) for t in members]).mean(0)
             metrics.update(probability_metrics(probs, y, classes, split))
         doc["rows"].append({"kind": "ensemble", "name": f"ensemble of the top {len(members)} (mean probabilities)",
                             "metrics": metrics, "members": [t.run_name or t.trial_id for t in members]})
@@ -135,7 +142,7 @@ def compute_extras(spec: StudySpec, data, store, cache_root: Path) -> tuple[dict
                            "int8": int8}
         if "test" in splits:
             x, y = splits["test"]
-            gallery = misclassified_gallery(x, y, model_probs(model, card, x), classes,
+            gallery = misclassified_gallery(x, y, probs_of(best, "test"), classes,
                                             f"{best.run_name or best.trial_id}: misclassified test images")
     return doc, gallery
 
@@ -162,11 +169,9 @@ def misclassified_gallery(images: torch.Tensor, labels: torch.Tensor, probs: tor
                      fontsize=7)
         ax.axis("off")
     fig.tight_layout()
-    import io
+    from services.train.studies.report import png_bytes
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def log_extras(tracker, doc: dict[str, Any], gallery: bytes | None) -> None:
@@ -187,16 +192,20 @@ def log_extras(tracker, doc: dict[str, Any], gallery: bytes | None) -> None:
         tracker.log_metrics(flat, step=0)
 
 
+def _extras_files(client, parent_run_id: str) -> set[str]:
+    return {f.path for f in client.list_artifacts(parent_run_id, "extras")}
+
+
 def extras_done(client, parent_run_id: str) -> bool:
-    return any(f.path == EXTRAS_FILE for f in client.list_artifacts(parent_run_id, "extras"))
+    return EXTRAS_FILE in _extras_files(client, parent_run_id)
 
 
 def read_extras(client, parent_run_id: str) -> tuple[dict[str, Any] | None, bytes | None]:
-    if not extras_done(client, parent_run_id):
+    names = _extras_files(client, parent_run_id)
+    if EXTRAS_FILE not in names:
         return None, None
     with tempfile.TemporaryDirectory() as tmp:
         doc = json.loads(Path(client.download_artifacts(parent_run_id, EXTRAS_FILE, tmp)).read_text())
-        names = {f.path for f in client.list_artifacts(parent_run_id, "extras")}
         png = Path(client.download_artifacts(parent_run_id, GALLERY_FILE, tmp)).read_bytes() \
             if GALLERY_FILE in names else None
     return doc, png

@@ -107,10 +107,16 @@ def derived(metrics: dict[str, float]) -> dict[str, float]:
         per_class = [v for k, v in metrics.items() if k.startswith(f"{split}_class_acc/")]
         if per_class:
             metrics[f"min_{split}_class_acc"] = min(per_class)
-    sizes = sorted(int(k.rsplit("bs", 1)[1]) for k in metrics if k.startswith("bench_throughput_bs"))
-    if sizes and metrics[f"bench_throughput_bs{sizes[-1]}"] > 0 and "bench_batched_ms_per_image" not in metrics:
-        metrics["bench_batched_ms_per_image"] = 1000 / metrics[f"bench_throughput_bs{sizes[-1]}"]
+    throughput = largest_batch_throughput(metrics)
+    if throughput is not None and throughput > 0 and "bench_batched_ms_per_image" not in metrics:
+        metrics["bench_batched_ms_per_image"] = 1000 / throughput
     return metrics
+
+
+def largest_batch_throughput(metrics: dict[str, float]) -> float | None:
+    """The benchmark's throughput (samples/s) at the largest batch size it measured; None when unmeasured."""
+    sizes = sorted(int(k.rsplit("bs", 1)[1]) for k in metrics if k.startswith("bench_throughput_bs"))
+    return metrics[f"bench_throughput_bs{sizes[-1]}"] if sizes else None
 
 
 def _fill(client, data: TrialData, run) -> None:
@@ -176,8 +182,8 @@ def _status(t: TrialData) -> str:
 
 
 def _throughput(t: TrialData) -> float | None:
-    sizes = sorted(int(k.rsplit("bs", 1)[1]) for k in t.metrics if k.startswith("bench_throughput_bs"))
-    return t.value(f"bench_throughput_bs{sizes[-1]}") if sizes else None
+    value = largest_batch_throughput(t.metrics)
+    return None if value is None or math.isnan(value) else value
 
 
 COLUMNS: dict[str, Column] = {
@@ -389,13 +395,17 @@ def _criterion_cell(crit: dict[str, Any], t: TrialData | None) -> str:
     if value is None:
         return "not measured"
     ok = (crit.get("min") is None or value > crit["min"]) and (crit.get("max") is None or value < crit["max"])
-    fmt = _pct if crit["metric"].endswith(("_acc", "acc")) else _num(2)
+    fmt = _pct if _is_accuracy(crit["metric"]) else _num(2)
     return f"{fmt(value)} {'met' if ok else 'NOT met'}"
 
 
+def _is_accuracy(metric: str) -> bool:
+    """Accuracies are shown in percent (val_acc, min_test_class_acc, ...)."""
+    return metric.endswith("acc")
+
+
 def _target(crit: dict[str, Any]) -> str:
-    pct = crit["metric"].endswith("acc")
-    show = (lambda v: f"{100 * v:g}%") if pct else (lambda v: f"{v:g}")
+    show = (lambda v: f"{100 * v:g}%") if _is_accuracy(crit["metric"]) else (lambda v: f"{v:g}")
     parts = ([f"> {show(crit['min'])}"] if crit.get("min") is not None else []) + (
         [f"< {show(crit['max'])}"] if crit.get("max") is not None else [])
     return " and ".join(parts)
@@ -624,7 +634,7 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")[:60]
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     # No software/date metadata: the same figure gives the same bytes.
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
@@ -635,7 +645,7 @@ def build_report(data: StudyData) -> Report:
     spec = data.study["spec"]
     title = spec["report"].get("title") or f"Study {spec['name']}"
     tables = build_tables(data)
-    pngs = {name: _png(fig) for name, fig in sorted(build_figures(data).items())}
+    pngs = {name: png_bytes(fig) for name, fig in sorted(build_figures(data).items())}
     if data.gallery is not None and "misclassified" in spec["report"]["plots"]:
         pngs["misclassified_test.png"] = data.gallery
     counts: dict[str, int] = {}
