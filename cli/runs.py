@@ -86,7 +86,9 @@ def watch(args, stub, run_id: str) -> int:
 def _cmd_train(args) -> int:
     from shared.pb import train_pb2
 
-    path = Path(args.config)
+    if bool(args.config) == bool(args.config_file):
+        raise SystemExit("trainyard train needs one config: trainyard train CONFIG (or --config CONFIG)")
+    path = Path(args.config or args.config_file)
     if not path.is_file():
         raise NotFound(f"config file {path} does not exist")
     stub = _train_stub(args)
@@ -124,7 +126,8 @@ def _cmd_runs(args) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     train_addr = os.environ.get("TRAINYARD_TRAIN_SERVER", "127.0.0.1:50053")
     p = sub.add_parser("train", help="submit a training run to the train service")
-    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML training config (see configs/)")
+    p.add_argument("--config", help="the same, as a flag")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--backend", choices=["local", "kubernetes"], help="default: the server's")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel processes / pods")

@@ -220,7 +220,7 @@ def test_runs_and_studies_as_json_against_the_train_service(env, tmp_path, train
     first = cli_json(env, "train", "--config", str(config), *server, "--json")
     assert set(first) == fields and first["state"] == "QUEUED" and first["epochs"] == 2
     assert first["run_id"].startswith("cli-json-") and first["model"] == "mnist_ultralight"
-    second = cli_json(env, "train", "--config", str(config), "--set", "epochs=3", *server, "-o", "json")
+    second = cli_json(env, "train", str(config), "--set", "epochs=3", *server, "-o", "json")
     assert second["epochs"] == 3
 
     listed = cli_json(env, "runs", "list", *server, "--json")
