@@ -14,13 +14,7 @@ VOCAB, BOS, EOS, PAD, SEP = 64, 1, 2, 0, 3
 LR = 5e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster, and OpenMP workers stall badly when other processes hold the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0, **kwargs) -> CadCaptioner:
