@@ -57,12 +57,15 @@ def cmd_models_list(args: Any = None) -> str:
 
 
 def models_summary(name: str, input_str: str = "1x28x28", num_classes: int | None = None):
-    """The layer-by-layer ``Summary`` of ``name`` for one ``CxHxW`` input; input channels follow ``input_str``."""
-    from shared.models.registry import create_model
+    """The layer-by-layer ``Summary`` of ``name`` for one ``CxHxW`` input; input channels follow ``input_str``
+    for the models built with a channel count (a model with fixed input channels, like cad_captioner's RGB,
+    is built as it is)."""
+    from shared.models.registry import builder_accepts, create_model
     from shared.models.summary import model_summary
 
     size = parse_input_size(input_str)
-    model = create_model(name, num_classes=num_classes, in_chans=size[0])
+    channels = {"in_chans": size[0]} if builder_accepts(name, "in_chans") else {}
+    model = create_model(name, num_classes=num_classes, **channels)
     return model_summary(model, size, name=name)
 
 

@@ -87,6 +87,18 @@ def rendered() -> dict[str, list[dict]]:
     return render_variants()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    faster for tiny tensors, and OpenMP workers stall badly when other processes hold the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A private TRAINYARD_HOME for an in-process training run (no progress bars, no Pushgateway)."""

@@ -29,8 +29,7 @@ from shared.grpc_server import start
 from shared.pb import train_pb2, train_pb2_grpc
 from shared.storage import open_store
 from tests.harness import free_ports
-from tests.harness.inference import serving
-from tests.test_inference import digits_nhwc, publish_random, reference_probs
+from tests.harness.inference import digits_nhwc, publish_random, reference_probs, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_LINE = re.compile(r"^\{.*\}$")

@@ -23,9 +23,9 @@ from shared.pb import inference_pb2 as pb
 from shared.pb import inference_pb2_grpc
 from shared.storage import open_store
 from tests.harness import ManagedProcess, PrometheusServer, free_ports, tcp_probe
+from tests.harness.inference import digits_nhwc, infer_request
 from tests.harness.kube import CHART, find, render_chart, validate_strict
 from tests.harness.process import HOST
-from tests.test_inference import digits_nhwc, infer_request
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))

@@ -17,7 +17,7 @@ from shared.inference_client import InferenceClient, expand_image_paths
 from shared.modelcard import ModelRef
 from shared.storage import open_store
 from tests.harness import free_ports
-from tests.test_inference import RGB_CLASSES, TOKEN, digits_nhwc, metric, publish_random, reference_probs, scrape
+from tests.harness.inference import RGB_CLASSES, TOKEN, digits_nhwc, metric, publish_random, reference_probs, scrape
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from shared.grpc_client import wait_serving
 from shared.modelcard import ModelRef
 from shared.storage import open_store
 from tests.harness import free_ports
+from tests.harness.inference import digits_nhwc, metric, png_bytes, publish_random, reference_probs, scrape
 from tests.harness.tls import make_tls_dir
-from tests.test_inference import digits_nhwc, metric, png_bytes, publish_random, reference_probs, scrape
 
 TOKEN = "rest-token"
 MAX_BODY = 256 * 1024

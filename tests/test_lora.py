@@ -23,13 +23,7 @@ TARGETS = ("q_proj", "v_proj", "up_proj", "projector")
 R = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster, and OpenMP workers stall badly when other processes hold the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from shared.models import (
     unfreeze_schedule,
     unfreeze_stages,
 )
+from shared.models.registry import builder_accepts
 
 MNIST_COUNTS = {"mnist_rough": 6_379_786, "mnist_cake": 388_582, "mnist_ultralight": 6_008}
 
@@ -116,6 +117,15 @@ def test_cli_functions():
     assert "mnist_ultralight" in listing and "6,008" in listing
     with pytest.raises(InvalidArgument, match="CxHxW"):
         cmd_models_summary("mnist_rough", "28x28")
+
+
+def test_summary_of_a_model_without_in_chans():
+    # cad_captioner's builder has no in_chans (its input is RGB): the summary must not pass one.
+    assert not builder_accepts("cad_captioner", "in_chans")
+    assert builder_accepts("mnist_cake", "in_chans") and builder_accepts("resnet18", "in_chans")
+    text = cmd_models_summary("cad_captioner", "3x64x64")
+    assert "Total params: 620,752" in text and "3x64x64" in text
+    assert "Total params: 388,870" in cmd_models_summary("mnist_cake", "3x28x28")  # 288 more weights: 3 channels in
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp256", "mlp128bn"])

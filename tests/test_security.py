@@ -22,8 +22,8 @@ from shared.pb import inference_pb2_grpc
 from shared.settings import REPOSITORY_TOKEN_FILE, load_settings
 from shared.storage import open_store
 from tests.harness import free_ports
+from tests.harness.inference import publish_random
 from tests.harness.tls import make_tls_dir
-from tests.test_inference import publish_random
 
 MODEL = "guarded"
 

@@ -148,6 +148,16 @@ def test_cancel_deletes_the_job_with_its_pods(kube, manager):
     assert (NS, job_name("mnist-k8s-5")) not in kube.state.jobs
 
 
+def test_cancel_of_a_job_already_gone_is_not_an_error(kube, manager):
+    # The Job may be gone already (TTL controller, an operator's kubectl delete): the delete's 404 means done.
+    view = manager.submit(CONFIG, run_id="mnist-k8s-9")
+    name = job_name("mnist-k8s-9")
+    kube.state._remove(NS, name)
+    manager.backends["kubernetes"].cancel(view.record)
+    delete = kube.state.requests[-1]
+    assert (delete.method, delete.path) == ("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/{name}")
+
+
 def test_replicas_make_an_indexed_job_running_torchrun(manager):
     view = manager.submit(CONFIG, run_id="mnist-k8s-6", replicas=2)
     job = k8s.ApiClient().sanitize_for_serialization(build_job(view.record, JobSettings()))

@@ -31,7 +31,7 @@ from shared.storage import open_store
 from shared.text.tokenizer import train_tokenizer
 from tests import triton_calls
 from tests.harness import ManagedProcess, free_ports, http_probe
-from tests.test_inference import RGB_CLASSES, digits_nhwc, png_bytes, publish_random, reference_probs
+from tests.harness.inference import RGB_CLASSES, digits_nhwc, png_bytes, publish_random, reference_probs
 
 TOKEN = "interop-token"
 AUTHORIZED = {"authorization": f"Bearer {TOKEN}"}

@@ -207,12 +207,7 @@ class KubernetesBackend:
         # A resumed run reuses its id: the previous attempt's Job must be gone, pods included, before the new one
         # is created (else two workers train one run). Foreground deletion keeps the Job until its pods are
         # deleted; its absence is polled for, as a watch opened after the delete may never see the DELETED event.
-        try:
-            self.batch.delete_namespaced_job(name, self.settings.namespace, propagation_policy="Foreground")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _api_error("delete", name, exc) from exc
-        else:
+        if self._delete_job(name):
             self._wait_gone(name)
         try:
             self.batch.create_namespaced_job(self.settings.namespace, build_job(record, self.settings))
@@ -220,6 +215,16 @@ class KubernetesBackend:
             raise _api_error("create", name, exc) from exc
         log.info("job created", extra={"run_id": record.run_id, "job": name, "namespace": self.settings.namespace})
         return {"job": name, "namespace": self.settings.namespace}
+
+    def _delete_job(self, name: str) -> bool:
+        """Delete the Job (foreground: its pods first); False when there was none."""
+        try:
+            self.batch.delete_namespaced_job(name, self.settings.namespace, propagation_policy="Foreground")
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise _api_error("delete", name, exc) from exc
+        return True
 
     def _wait_gone(self, name: str) -> None:
         deadline = time.monotonic() + self.delete_timeout_s
@@ -283,12 +288,7 @@ class KubernetesBackend:
             return
 
     def cancel(self, record: RunRecord) -> None:
-        name = job_name(record.run_id, self.settings.name_prefix)
-        try:
-            self.batch.delete_namespaced_job(name, self.settings.namespace, propagation_policy="Foreground")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _api_error("delete", name, exc) from exc
+        self._delete_job(job_name(record.run_id, self.settings.name_prefix))
 
     def events(self, record: RunRecord, run_dir: Path) -> list[dict]:
         # The pod has no disk in common with the service: the worker mirrors its events to the store.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,17 @@ def register_model(fn: Builder | None = None, *, name: str | None = None):
 
 def is_registered(name: str) -> bool:
     return name in _REGISTRY
+
+
+def builder_accepts(name: str, argument: str) -> bool:
+    """Whether ``create_model(name, ...)`` takes ``argument``: a registered builder names it or takes
+    ``**kwargs``. A name that is not registered (timm's, or unknown) answers True: timm's models take
+    ``in_chans`` and ``num_classes``, and ``create_model`` reports an unknown name itself."""
+    builder = _REGISTRY.get(name)
+    if builder is None:
+        return True
+    params = inspect.signature(builder).parameters
+    return argument in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def model_description(name: str) -> str:

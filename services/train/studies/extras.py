@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.train.studies.figures import png_bytes
+from services.train.studies.results import ranked_trials
 from services.train.studies.spec import StudySpec, Trial, trial_config
 from shared.evaluation import probability_metrics
 from shared.logs import get_logger
@@ -100,8 +102,6 @@ def compute_extras(spec: StudySpec, data, store, cache_root: Path) -> tuple[dict
         doc["rows"].append({"kind": "baseline", "name": f"image features + {classifier}", "metrics": metrics,
                             "detail": f"{len(FEATURE_NAMES)} hand-made features: {', '.join(FEATURE_NAMES)}"})
 
-    from services.train.studies.report import ranked_trials
-
     ranked = [t for t in ranked_trials(data) if _trial_uri(t)]
     loaded: dict[str, tuple[torch.nn.Module, Any]] = {}
     scored: dict[tuple[str, str], torch.Tensor] = {}
@@ -169,8 +169,6 @@ def misclassified_gallery(images: torch.Tensor, labels: torch.Tensor, probs: tor
                      fontsize=7)
         ax.axis("off")
     fig.tight_layout()
-    from services.train.studies.report import png_bytes
-
     return png_bytes(fig)
 
 

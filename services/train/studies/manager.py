@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from services.train.runs import TERMINAL, RunManager, RunView
 from services.train.studies import report as study_report
+from services.train.studies import results as study_results
 from services.train.studies.spec import StudySpec, Trial, expand_grid, load_spec, study_id, trial_config
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.logs import get_logger
@@ -382,7 +383,7 @@ class StudyManager:
         client = MlflowClient(self.tracking_uri or load_settings().mlflow_uri)
         if extras.extras_done(client, record.parent_run_id):
             return
-        data = study_report.collect(client, record.parent_run_id)
+        data = study_results.collect(client, record.parent_run_id)
         started = time.perf_counter()
         doc, gallery = extras.compute_extras(record.spec, data, self.store, self.home / "cache" / "datasets")
         doc["seconds"] = time.perf_counter() - started

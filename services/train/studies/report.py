@@ -1,143 +1,36 @@
-"""A study's tables, plots and report, computed from MLflow alone.
+"""A study's report: its tables (cells over the seeds of a group), Markdown and HTML pages and CSV files.
 
-Everything comes from the study's parent run (its ``study.json`` artifact lists the trials) and the child
-runs of its trials: their params, tags, metrics and metric histories (a trial's figures are read at its
-selected epoch, ``best_epoch``; ``test_*`` come from its one final evaluation; ``bench_*`` from the benchmark
-run on its exported model). So the report can be rebuilt at any time, by anyone with the tracking URI, and
-rebuilding it gives the same bytes.
-
-Every cell is filled or says why it is not: ``failed: <reason>``, ``running``, ``queued``, ``pruned``.
-Every accuracy column names its split.
+The figures come from ``results`` (read back from MLflow alone, so rebuilding the report gives the same bytes)
+and its plots from ``figures``. Every cell is filled or says why it is not: ``failed: <reason>``, ``running``,
+``queued``, ``pruned``. Every accuracy column names its split.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
-import json
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from shared.logs import get_logger
-
-log = get_logger(__name__)
-
-DONE = "FINISHED"
-# Metrics read at the trial's selected epoch (the rest are read as their last value).
-SELECTED = ("train_acc", "val_acc", "train_loss", "val_loss", "overfit_gap", "val_f1", "val_ece", "val_rmse")
-
-
-@dataclass
-class TrialData:
-    trial_id: str
-    run_id: str
-    axes: dict[str, Any]
-    overrides: dict[str, Any]
-    status: str = "queued"  # queued, running, FINISHED, FAILED, pruned, cancelled
-    reason: str = ""
-    mlflow_run_id: str = ""
-    run_name: str = ""
-    params: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-    @property
-    def done(self) -> bool:
-        return self.status == DONE
-
-    def value(self, key: str) -> float | None:
-        v = self.metrics.get(key)
-        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
-
-
-@dataclass
-class StudyData:
-    study: dict[str, Any]  # the parent run's study.json
-    trials: list[TrialData]
-    # services.train.studies.extras: the rows that are not trials (as TrialData), the selected model's int8
-    # scores, the class names, and its misclassified-images gallery.
-    extra_rows: list[TrialData] = field(default_factory=list)
-    extras: dict[str, Any] | None = None
-    gallery: bytes | None = None
-
-    @property
-    def axes(self) -> list[str]:
-        return list(self.study["spec"]["grid"])
-
-
-def collect(client, parent_run_id: str) -> StudyData:
-    """Read the study and its trials back from MLflow."""
-    import tempfile
-    from pathlib import Path
-
-    parent = client.get_run(parent_run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        study = json.loads(Path(client.download_artifacts(parent_run_id, "study.json", tmp)).read_text())
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000)
-    by_trial = {r.data.tags.get("trainyard.trial"): r for r in children}
-    trials = []
-    for t in study["trials"]:
-        data = TrialData(t["trial_id"], t["run_id"], t["axes"], t["overrides"])
-        run = by_trial.get(t["trial_id"])
-        if run is not None:
-            _fill(client, data, run)
-        trials.append(data)
-    from services.train.studies.extras import read_extras
-
-    extras, gallery = read_extras(client, parent_run_id)
-    rows = []
-    first_axis = next(iter(study["spec"]["grid"]), "row")
-    for row in (extras or {}).get("rows", []):
-        t = TrialData(row["kind"], "", {first_axis: row["name"]}, {}, status=DONE, run_name=row["name"],
-                      metrics=derived(dict(row["metrics"])))
-        t.tags["trainyard.row"] = row["kind"]
-        rows.append(t)
-    return StudyData(study, trials, rows, extras, gallery)
-
-
-def derived(metrics: dict[str, float]) -> dict[str, float]:
-    """Adds what criteria and tables read beyond the logged metrics: the worst class's accuracy per split and
-    the batched per-image latency (from the largest batch's throughput)."""
-    for split in ("val", "test"):
-        per_class = [v for k, v in metrics.items() if k.startswith(f"{split}_class_acc/")]
-        if per_class:
-            metrics[f"min_{split}_class_acc"] = min(per_class)
-    throughput = largest_batch_throughput(metrics)
-    if throughput is not None and throughput > 0 and "bench_batched_ms_per_image" not in metrics:
-        metrics["bench_batched_ms_per_image"] = 1000 / throughput
-    return metrics
-
-
-def largest_batch_throughput(metrics: dict[str, float]) -> float | None:
-    """The benchmark's throughput (samples/s) at the largest batch size it measured; None when unmeasured."""
-    sizes = sorted(int(k.rsplit("bs", 1)[1]) for k in metrics if k.startswith("bench_throughput_bs"))
-    return metrics[f"bench_throughput_bs{sizes[-1]}"] if sizes else None
-
-
-def _fill(client, data: TrialData, run) -> None:
-    tags = run.data.tags
-    data.mlflow_run_id, data.run_name = run.info.run_id, run.info.run_name or ""
-    data.params, data.tags, data.metrics = dict(run.data.params), dict(tags), dict(run.data.metrics)
-    data.status = {"FINISHED": DONE, "FAILED": "FAILED", "KILLED": "cancelled"}.get(run.info.status, "running")
-    if tags.get("trainyard.pruned"):
-        data.status, data.reason = "pruned", tags["trainyard.pruned"]
-    data.reason = data.reason or tags.get("trainyard.failure") or tags.get("error", "")
-    for key in SELECTED:
-        if key in data.metrics:
-            data.history[key] = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-    best = data.metrics.get("best_epoch")
-    if best:
-        for key in SELECTED:
-            at = dict(data.history.get(key, []))
-            if int(best) in at:
-                data.metrics[key] = at[int(best)]
-    derived(data.metrics)
-
+from services.train.studies.figures import build_figures, png_bytes
+from services.train.studies.results import (
+    DONE,
+    StudyData,
+    TrialData,
+    collect,
+    group,
+    label,
+    largest_batch_throughput,
+    mean_of,
+    model_axis,
+    ranked_trials,
+    rows_side_by_side,
+    selected_trial,
+    size_axis,
+)
 
 # ------------------------------------------------------------------------------------------------ cells
 
@@ -307,33 +200,13 @@ class Table:
         return buf.getvalue()
 
 
-def _group(trials: list[TrialData], keys: list[str]) -> dict[tuple, list[TrialData]]:
-    out: dict[tuple, list[TrialData]] = {}
-    for t in trials:
-        out.setdefault(tuple(json.dumps(t.axes.get(k)) for k in keys), []).append(t)
-    return out
-
-
-def _label(value_json: str) -> str:
-    value = json.loads(value_json)
-    return "-" if value is None else str(value)
-
-
-def _model_axis(data: StudyData) -> str | None:
-    return next((a for a in data.axes if a in ("model.name", "model.kwargs.head")), None)
-
-
-def _size_axis(data: StudyData) -> str | None:
-    return "data.subset" if "data.subset" in data.axes else None
-
-
 def build_tables(data: StudyData) -> list[Table]:
     spec = data.study["spec"]
     group_axes = [a for a in data.axes if a != "seed"]
     columns = [COLUMNS[c] for c in spec["report"]["columns"]]
     seeds = f" Mean ± std over seeds {spec['grid']['seed']}." if "seed" in spec["grid"] else ""
-    rows = [[*map(_label, key), *(_cell(c, ts) for c in columns)]
-            for key, ts in sorted(_group(data.trials, group_axes).items())]
+    rows = [[*map(label, key), *(_cell(c, ts) for c in columns)]
+            for key, ts in sorted(group(data.trials, group_axes).items())]
     rows += [[t.run_name, *("-" for _ in group_axes[1:]), *(_cell(c, [t]) for c in columns)] for t in data.extra_rows]
     results = Table(
         "Training results", [*(group_axes or ["Row"]), *(c.header for c in columns)], rows,
@@ -342,23 +215,23 @@ def build_tables(data: StudyData) -> list[Table]:
              + (" The rows after the trials are not training runs: they are scored on the same validation and test "
                 "splits (see below)." if data.extra_rows else ""))
     tables = [results]
-    model, size = _model_axis(data), _size_axis(data)
+    model, size = model_axis(data), size_axis(data)
     if model:
         bench = [COLUMNS[c] for c in ("params_m", "gflops", "latency_ms", "throughput", "peak_memory_mb",
                                       "size_int8_mb")]
-        by_model = _group(data.trials, [model])
+        by_model = group(data.trials, [model])
         tables.append(Table(
             "Benchmark", ["Model", *(c.header for c in bench)],
-            [[_label(k[0]), *(_cell(c, ts) for c in bench)] for k, ts in sorted(by_model.items())],
+            [[label(k[0]), *(_cell(c, ts) for c in bench)] for k, ts in sorted(by_model.items())],
             note="Each trial's exported model, measured when the trial finished (shared.benchmark; latency: batch-1 "
                  "median; throughput: the largest batch). Over trials of one model: mean ± std."))
     if model and size:
         sizes = sorted({t.axes[size] for t in data.trials})
         val = COLUMNS["val_acc"]
         rows = []
-        for (m,), ts in sorted(_group(data.trials, [model]).items()):
+        for (m,), ts in sorted(group(data.trials, [model]).items()):
             cells = [_cell(val, [t for t in ts if t.axes[size] == s]) for s in sizes]
-            rows.append([_label(m), *cells])
+            rows.append([label(m), *cells])
         tables.append(Table("Sample efficiency (val acc % by training-set size)", ["Model", *map(str, sizes)], rows))
         tables.append(_summary(data, model, size, sizes))
     tables += _extras_tables(data, model)
@@ -367,27 +240,6 @@ def build_tables(data: StudyData) -> list[Table]:
         tables.append(Table("Trials that did not finish", ["Trial", *data.axes, "Status"],
                             [[t.trial_id, *(str(t.axes.get(a)) for a in data.axes), _status(t)] for t in failed]))
     return tables
-
-
-def _rows_side_by_side(data: StudyData, model: str | None) -> list[tuple[str, list[TrialData]]]:
-    """Each model (or trial group) of the study, then each extra row, with the runs that give its figures."""
-    group_axes = [model] if model else [a for a in data.axes if a != "seed"]
-    out = [(" ".join(map(_label, key)) or "all", ts) for key, ts in sorted(_group(data.trials, group_axes).items())]
-    return out + [(t.run_name, [t]) for t in data.extra_rows]
-
-
-def ranked_trials(data: StudyData) -> list[TrialData]:
-    """Finished trials, best on the study's objective (validation) first; ties keep the spec's order."""
-    spec = data.study["spec"]
-    metric, sign = spec["objective"]["metric"], 1 if spec["objective"]["direction"] == "maximize" else -1
-    return sorted((t for t in data.trials if t.done and t.value(metric) is not None),
-                  key=lambda t: -sign * t.value(metric))
-
-
-def selected_trial(data: StudyData) -> TrialData | None:
-    """The selection rule's pick: the finished trial best on the objective."""
-    ranked = ranked_trials(data)
-    return ranked[0] if ranked else None
 
 
 def _criterion_cell(crit: dict[str, Any], t: TrialData | None) -> str:
@@ -416,7 +268,7 @@ def _extras_tables(data: StudyData, model: str | None) -> list[Table]:
     tables: list[Table] = []
     classes = (data.extras or {}).get("classes") or sorted(
         {k.split("/", 1)[1] for t in data.trials for k in t.metrics if k.startswith("test_class_acc/")})
-    sides = _rows_side_by_side(data, model)
+    sides = rows_side_by_side(data, model)
     if "per_class" in spec["report"]["plots"] and classes:
         for split, note in (("test", "evaluated once, at the end"), ("val", "the split selection saw")):
             rows = [[c, *(_cell(Column("", _metric(f"{split}_class_acc/{c}"), _pct), ts) for _, ts in sides)]
@@ -467,22 +319,17 @@ def _extras_tables(data: StudyData, model: str | None) -> list[Table]:
     return tables
 
 
-def _mean(ts: list[TrialData], key: str) -> float | None:
-    values = [t.value(key) for t in ts if t.done and t.value(key) is not None]
-    return statistics.fmean(values) if values else None
-
-
 def _summary(data: StudyData, model: str, size: str, sizes: list) -> Table:
     """Per model: validation accuracy at the smallest size, params and latency per accuracy point, gap, ranks."""
     rows = []
-    for (m,), ts in sorted(_group(data.trials, [model]).items()):
+    for (m,), ts in sorted(group(data.trials, [model]).items()):
         small = [t for t in ts if t.axes[size] == sizes[0]]
-        acc_small, acc = _mean(small, "val_acc"), _mean(ts, "val_acc")
-        params, latency = _mean(ts, "num_params"), _mean(ts, "bench_latency_p50_ms")
-        rows.append({"model": _label(m), "acc_small": acc_small,
+        acc_small, acc = mean_of(small, "val_acc"), mean_of(ts, "val_acc")
+        params, latency = mean_of(ts, "num_params"), mean_of(ts, "bench_latency_p50_ms")
+        rows.append({"model": label(m), "acc_small": acc_small,
                      "params_per_acc": params / (100 * acc) if params and acc else None,
                      "latency_per_acc": latency / (100 * acc) if latency and acc else None,
-                     "gap": _mean(ts, "overfit_gap")})
+                     "gap": mean_of(ts, "overfit_gap")})
 
     def rank(key: str, reverse: bool) -> dict[str, str]:
         scored = sorted((r for r in rows if r[key] is not None), key=lambda r: r[key], reverse=reverse)
@@ -497,120 +344,6 @@ def _summary(data: StudyData, model: str, size: str, sizes: list) -> Table:
     return Table(f"Comparison summary (val acc at {size}={sizes[0]}; per-accuracy figures over all sizes)",
                  ["Model", "Val acc % (smallest)", "Rank", "Params per acc point", "Rank", "Latency ms per acc point",
                   "Rank", "Overfit gap (pp)", "Rank"], body)
-
-
-# ------------------------------------------------------------------------------------------------ plots
-
-
-def _pareto(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both (lower x, higher y)."""
-    return [i for i, (x, y) in enumerate(points)
-            if not any(x2 <= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
-
-
-def build_figures(data: StudyData) -> dict[str, Any]:
-    from matplotlib.figure import Figure
-
-    wanted = set(data.study["spec"]["report"]["plots"])
-    model, size = _model_axis(data), _size_axis(data)
-    done = [t for t in data.trials if t.done]
-    figures: dict[str, Any] = {}
-    groups = _group(done, [model]) if model else {("all",): done}
-    if "accuracy_vs_size" in wanted and size and done:
-        fig = Figure(figsize=(6, 4))
-        ax = fig.subplots()
-        for key, ts in sorted(groups.items()):
-            xs = sorted({t.axes[size] for t in ts})
-            ys = [100 * _mean([t for t in ts if t.axes[size] == x], "val_acc") for x in xs]
-            ax.plot(xs, ys, marker="o", label=_label(key[0]) if model else "all")
-        ax.set_xscale("log")
-        ax.set_xlabel("training samples")
-        ax.set_ylabel("val acc %")
-        ax.set_title("Sample efficiency")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        figures["accuracy_vs_size.png"] = fig
-    for name, key, xlabel in (("params_vs_accuracy", "num_params", "parameters"),
-                              ("latency_vs_accuracy", "bench_latency_p50_ms", "latency (ms, batch 1)")):
-        pts = [(t.value(key), 100 * t.value("val_acc"), t) for t in done
-               if t.value(key) is not None and t.value("val_acc") is not None]
-        if name not in wanted or not pts:
-            continue
-        fig = Figure(figsize=(6, 4))
-        ax = fig.subplots()
-        for key_, ts in sorted(groups.items()):
-            mine = [(x, y) for x, y, t in pts if t in ts]
-            if mine:
-                ax.scatter(*zip(*mine, strict=True), label=_label(key_[0]) if model else "all", s=18)
-        if name == "latency_vs_accuracy":
-            front = sorted((pts[i][0], pts[i][1]) for i in _pareto([(x, y) for x, y, _ in pts]))
-            ax.plot(*zip(*front, strict=True), "k--", linewidth=1, label="Pareto front")
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("val acc %")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        figures[f"{name}.png"] = fig
-    if "loss_curves" in wanted and done:
-        fig = Figure(figsize=(7, 4))
-        ax = fig.subplots()
-        for t in done:
-            for key, style in (("train_loss", "-"), ("val_loss", "--")):
-                hist = t.history.get(key, [])
-                if hist:
-                    ax.plot(*zip(*hist, strict=True), style, linewidth=1, label=f"{t.run_name} {key}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss (eval mode)")
-        ax.set_title("Loss curves (solid: train, dashed: val)")
-        if len(done) <= 6:
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        figures["loss_curves.png"] = fig
-    if "accuracy_curves" in wanted and done:
-        fig = Figure(figsize=(7, 4))
-        ax = fig.subplots()
-        for t in done:
-            hist = t.history.get("val_acc", [])
-            if hist:
-                steps, values = zip(*hist, strict=True)
-                ax.plot(steps, [100 * v for v in values], marker=".", linewidth=1, label=t.run_name or t.trial_id)
-        for t in data.extra_rows:
-            if t.value("val_acc") is not None:
-                ax.axhline(100 * t.value("val_acc"), linestyle=":", linewidth=1, color="gray")
-                ax.annotate(t.run_name, (1, 100 * t.value("val_acc")), fontsize=6, color="gray")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("val acc %")
-        ax.set_title("Validation accuracy by epoch (dotted: rows that are not training runs)")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        figures["accuracy_curves.png"] = fig
-    classes = (data.extras or {}).get("classes") or []
-    if "per_class" in wanted and classes:
-        sides = [(name, ts) for name, ts in _rows_side_by_side(data, model) if any(t.done for t in ts)]
-        fig = Figure(figsize=(max(6, 1.2 * len(classes) * max(1, len(sides)) / 2), 4))
-        ax = fig.subplots()
-        width = 0.8 / max(1, len(sides))
-        for i, (name, ts) in enumerate(sides):
-            ys = [100 * (_mean(ts, f"test_class_acc/{c}") or 0) for c in classes]
-            ax.bar([j + i * width for j in range(len(classes))], ys, width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes)
-        ax.set_ylabel("test acc % (once, at end)")
-        ax.set_ylim(0, 100)
-        ax.set_title("Per-class test accuracy")
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        figures["per_class_test.png"] = fig
-    if "overfit_gap" in wanted and done:
-        fig = Figure(figsize=(7, 4))
-        ax = fig.subplots()
-        labels = [t.run_name or t.trial_id for t in done]
-        ax.bar(range(len(done)), [100 * (t.value("overfit_gap") or 0) for t in done])
-        ax.set_xticks(range(len(done)), labels, rotation=60, ha="right", fontsize=6)
-        ax.set_ylabel("train acc - val acc (pp)")
-        ax.set_title("Overfitting gap at the selected epoch")
-        fig.tight_layout()
-        figures["overfit_gap.png"] = fig
-    return figures
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -632,13 +365,6 @@ class Report:
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")[:60]
-
-
-def png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    # No software/date metadata: the same figure gives the same bytes.
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
 
 
 def build_report(data: StudyData) -> Report:
