@@ -147,17 +147,23 @@ def print_comparison(runs) -> None:
     settings = load_settings()
     client, store = MlflowClient(settings.mlflow_uri), open_store(settings.store_url)
     print(f"\n  {'model':<18} {'params':>10} {'train acc':>9} {'val acc':>8} {'test acc':>8} {'gap':>7} "
-          f"{'val ECE':>7} {'samples/s':>10}  MLflow run")
+          f"{'val ECE':>7} {'samples/s':>10}  {'selected on':<11}  MLflow run")
+    peeked = False
     for run in runs:
         ref = parse_model_ref(run.model_uri)
         card = read_card(store, ref.name, ref.version)
         mlflow_run = client.get_run(run.mlflow_run_id)
         m, logged = card.metrics, mlflow_run.data.metrics
+        peeked |= card.selection_split == "test"
+        split = "test (!)" if card.selection_split == "test" else card.selection_split
         print(f"  {run.model:<18} {int(logged['num_params']):>10,} {m['train_acc']:>9.4f} {m['val_acc']:>8.4f} "
               f"{m['test_acc']:>8.4f} {m['overfit_gap']:>7.4f} {m['val_ece']:>7.4f} "
-              f"{logged['samples_per_second']:>10.0f}  {mlflow_run.info.run_name}")
+              f"{logged['samples_per_second']:>10.0f}  {split:<11}  {mlflow_run.info.run_name}")
     print(f"  val acc: the selected epoch, on {card.val_source}; test acc: the test split, evaluated once at the "
           "end; gap: train acc (eval mode, no augmentation) - val acc")
+    if peeked:
+        print("  (!) selected on the test split (data.val_split: test): its val acc is test accuracy, and its test "
+              "acc no held-out estimate")
     sample = client.get_run(runs[-1].mlflow_run_id)
     system = sorted(k for k in sample.data.metrics if k.startswith("system/"))
     dataset = sample.inputs.dataset_inputs[0].dataset

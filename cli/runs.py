@@ -35,6 +35,8 @@ def format_run(run) -> str:
         lines.append(f"  model: {run.model_uri}")
     if run.forked_from:
         lines.append(f"  forked from: {run.forked_from}")
+    if run.selection_split == "test":
+        lines.append(f"  {TEST_SELECTED}")
     return "\n".join(lines)
 
 
@@ -47,11 +49,21 @@ def show_run(args, run) -> None:
     emit(args, run_dict(run), lambda: format_run(run))
 
 
+TEST_SELECTED = "selected on the test split (data.val_split: test): its val_* figures are test figures, and no " \
+                "held-out estimate of it remains"
+
+
 def format_runs(runs) -> str:
-    lines = [f"{'run id':<34} {'state':<10} {'backend':<10} {'model':<24} {'epoch':>7}  val_acc"]
+    """One line a run; a run that selects on the test split is flagged ``test (!)`` in the ``selected on`` column
+    and explained below the table."""
+    lines = [f"{'run id':<34} {'state':<10} {'backend':<10} {'model':<24} {'epoch':>7}  {'val_acc':<7}  selected on"]
     for r in runs:
         acc = f"{r.metrics['val_acc']:.4f}" if "val_acc" in r.metrics else "-"
-        lines.append(f"{r.run_id:<34} {_state(r):<10} {r.backend:<10} {r.model:<24} {r.epoch:>3}/{r.epochs:<3}  {acc}")
+        split = {"test": "test (!)", "": "?"}.get(r.selection_split, r.selection_split)
+        lines.append(f"{r.run_id:<34} {_state(r):<10} {r.backend:<10} {r.model:<24} {r.epoch:>3}/{r.epochs:<3}  "
+                     f"{acc:<7}  {split}")
+    if any(r.selection_split == "test" for r in runs):
+        lines.append(f"(!) {TEST_SELECTED}")
     return "\n".join(lines)
 
 

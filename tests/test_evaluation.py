@@ -3,17 +3,25 @@ for, and recipes (weight-decay groups, gradient accumulation, EMA) doing what th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from mlflow.exceptions import MlflowException
+from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from cli.demo import print_comparison
 from services.train import checkpoint as ckpt
-from services.train.config import parse_train_config
+from services.train.config import load_train_config, parse_train_config
 from services.train.engine import Engine
+from services.train.engine.data import load_data
+from services.train.engine.export import model_uri
 from services.train.engine.optim import build_optimizer
 from services.train.events import read_events
+from services.train.studies.spec import Trial, expand_grid, load_spec, study_id, trial_config
 from shared.data import synthetic_digits, write_idx
 from shared.errors import InvalidArgument
 from shared.evaluation import (
@@ -24,8 +32,11 @@ from shared.evaluation import (
 )
 from shared.modelcard import load_published, read_card
 from shared.models import create_model
+from shared.pb import train_pb2
 from shared.storage import open_store
 from tests.test_train_engine import base_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------ metric definitions
 
@@ -143,7 +154,8 @@ def write_shifted_digits(root, n_train: int = 1200, n_test: int = 400):
     return root
 
 
-def test_selection_and_early_stopping_follow_validation_and_test_is_evaluated_once(home, tmp_path, mlflow_server):
+def test_selection_and_early_stopping_follow_validation_and_test_is_evaluated_once(home, tmp_path, mlflow_server,
+                                                                                  monkeypatch, capsys):
     data = write_shifted_digits(tmp_path / "digits")
     over = dict(data={"kind": "mnist", "path": str(data), "val_fraction": 0.2}, epochs=4, batch_size=32,
                 checkpoint={"keep_best_metric": "val_acc", "mode": "max", "keep_last": 10},
@@ -195,6 +207,125 @@ def test_selection_and_early_stopping_follow_validation_and_test_is_evaluated_on
     assert peek_card.selection_split == "test" and "test split" in peek_card.val_source
     assert client.get_run(again.mlflow_run_id).data.tags["selection_split"] == "test"
     assert again.best_epoch == max(again.history, key=lambda h: h["val_acc"])["epoch"]
+    # Its registered version is never the champion, though it is the model's first (which would otherwise be).
+    (version,) = client.search_model_versions("name='peeked'")
+    assert version.tags["selection_split"] == "test"
+    assert client.get_model_version_by_alias("peeked", "challenger").version == version.version
+    assert client.get_run(again.mlflow_run_id).data.tags["model_alias"] == "challenger"
+    with pytest.raises(MlflowException, match="champion"):
+        client.get_model_version_by_alias("peeked", "champion")
+
+    # The demo's comparison table says which run selected on the test split.
+    monkeypatch.setenv("TRAINYARD_STORE", store.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    capsys.readouterr()
+    print_comparison([train_pb2.Run(model="honest", model_uri=model_uri(result.model_name, result.model_version),
+                                    mlflow_run_id=result.mlflow_run_id),
+                      train_pb2.Run(model="peeked", model_uri=model_uri(again.model_name, again.model_version),
+                                    mlflow_run_id=again.mlflow_run_id)])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["honest"].split()[-2:] == ["val", "mnist_ultralight-mnist-all-s0"]
+    assert "test (!)" in rows["peeked"] and "(!)" in rows and "selected on the test split" in rows["(!)"]
+
+
+def write_digit_folders(root):
+    """Image folders train/, val/, test/ of digits whose validation split is labelled one class off, on purpose
+    (train and test are labelled truly): every epoch that learns the task more is worse on validation."""
+    for split, n, seed in (("train", 600, 0), ("val", 200, 1), ("test", 200, 2)):
+        x, y = synthetic_digits(n, seed=seed)
+        if split == "val":
+            y = (y + 1) % 10
+        for i, (image, label) in enumerate(zip(x[:, 0].numpy(), y.tolist(), strict=True)):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+    return root
+
+
+def test_selection_keeps_an_earlier_epoch_when_validation_worsens(home, tmp_path):
+    data = write_digit_folders(tmp_path / "digits")
+    cfg = parse_train_config(base_config(
+        # MNIST's constants: the digits look like MNIST (ImageNet's make the first steps overshoot).
+        data={"kind": "imagefolder", "path": str(data), "image_size": 28, "mean": [0.1307] * 3, "std": [0.3081] * 3},
+        epochs=6, batch_size=32,
+        checkpoint={"keep_best_metric": "val_loss", "mode": "min", "keep_last": 10},
+        early_stopping={"enabled": True, "metric": "val_loss", "mode": "min", "patience": 2},
+        export={"name": "worse-later"}))
+    store = open_store(tmp_path / "store")
+    result = Engine(cfg, "worse-later", store=store, tracking=False).run()
+    losses = [h["val_loss"] for h in result.history]
+    assert result.history[-1]["train_acc"] > result.history[0]["train_acc"] + 0.2  # it did learn
+    # Validation worsens after the first epoch: epoch 1 stays selected, and early stopping ends the run after
+    # two more epochs of the six.
+    assert losses == sorted(set(losses)) and result.best_epoch == 1
+    assert result.epochs_done == 3 and result.message.startswith("early stopped at epoch 3")
+    # The exported weights are epoch 1's, not the last epoch's, and the card's figures are theirs.
+    model, card = load_published(store, "worse-later")
+    exported = model.state_dict()
+    first = ckpt.load_checkpoint(store, ckpt.epoch_prefix("worse-later", 1)).model_state
+    last = ckpt.load_checkpoint(store, ckpt.epoch_prefix("worse-later", 3)).model_state
+    assert all(torch.equal(exported[k], first[k]) for k in first)
+    assert not all(torch.equal(exported[k], last[k]) for k in last)
+    assert card.metrics["epoch"] == 1 and card.metrics["val_loss"] == pytest.approx(losses[0])
+    assert card.val_source == "the dataset's own val split"
+
+
+def test_train_loss_is_plain_cross_entropy_when_the_objective_is_focal(home, tmp_path):
+    cfg = parse_train_config(base_config(epochs=1, loss={"name": "focal", "focal_gamma": 2.0},
+                                         data={"kind": "synthetic", "train_size": 512, "val_size": 128,
+                                               "train_eval_size": 200}))
+    store = open_store(tmp_path / "store")
+    (row,) = Engine(cfg, "focal-run", store=store, tracking=False, export=False).run().history
+    # By hand: the epoch's weights in eval mode on the run's fixed training sample, plain cross-entropy.
+    bundle = load_data(cfg.data, cfg.seed, home / "cache")
+    x, y = bundle.split("train")
+    assert len(y) == 200
+    model = create_model("mnist_ultralight", batchnorm=True)
+    model.load_state_dict(ckpt.load_checkpoint(store, ckpt.epoch_prefix("focal-run", 1)).model_state)
+    with torch.no_grad():
+        logits = model.eval()((x.float() / 255 - bundle.mean[0]) / bundle.std[0])
+    assert row["train_loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-4)
+    assert row["train_acc"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    # The objective the steps minimised (focal, train mode) is logged beside it, and is another figure.
+    assert abs(row["train_objective"] - row["train_loss"]) > 0.05
+    (epoch,) = [e for e in read_events(home / "runs/focal-run/events.jsonl") if e["type"] == "epoch"]
+    assert epoch["metrics"]["train_loss"] == pytest.approx(row["train_loss"])
+    assert epoch["metrics"]["train_objective"] == pytest.approx(row["train_objective"])
+
+
+def test_channels_last_trains_like_the_default_layout(home, tmp_path):
+    store = open_store(tmp_path / "store")
+    history = {}
+    for layout in ("nchw", "nhwc"):
+        # Two steps: more at this learning rate amplify the kernels' rounding differences (four steps put the
+        # weights 0.03 apart), as in test_gradient_accumulation_equals_the_large_batch.
+        cfg = parse_train_config(base_config(epochs=1, channels_last=layout == "nhwc", device="cpu",
+                                             data={"kind": "synthetic", "train_size": 128, "val_size": 128,
+                                                   "test_size": 128}, export={"name": f"layout-{layout}"}))
+        history[layout] = Engine(cfg, f"layout-{layout}", store=store, tracking=False).run().history[0]
+    # Same seed, same batches: the same model up to the float rounding of the NHWC kernels.
+    x = (synthetic_digits(64, seed=5)[0].float() / 255 - 0.1307) / 0.3081
+    with torch.no_grad():
+        nchw, nhwc = (torch.softmax(load_published(store, f"layout-{layout}")[0].eval()(x), 1)
+                      for layout in ("nchw", "nhwc"))
+    # Measured: 1.5e-3 apart at most in probability, validation loss 4e-4 apart (relative).
+    torch.testing.assert_close(nhwc, nchw, rtol=0, atol=1e-2)
+    assert history["nhwc"]["val_loss"] == pytest.approx(history["nchw"]["val_loss"], rel=2e-3)
+    assert history["nhwc"]["train_objective"] == pytest.approx(history["nchw"]["train_objective"], rel=1e-4)
+
+
+def test_shipped_configs_and_study_bases_select_on_validation():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 11
+    for path in configs:
+        assert load_train_config(path).selection_split == "val", path.name
+    studies = sorted((REPO / "studies").glob("*.yaml"))
+    assert studies
+    for path in studies:
+        spec = load_spec(path.read_text(), str(path), base_dir=path.parent)
+        base = trial_config(spec, Trial(trial_id="base", run_id="base", overrides={}, axes={}))
+        trials = [trial_config(spec, trial) for trial in expand_grid(spec, study_id(spec))]
+        assert all(cfg.selection_split == "val" for cfg in (base, *trials)), path.name
 
 
 def test_configs_cannot_select_on_test_metrics_by_accident():

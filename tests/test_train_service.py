@@ -5,6 +5,7 @@ import time
 import grpc
 import pytest
 
+from cli.runs import format_run, format_runs
 from services.train.server import TrainServiceServicer, build_manager
 from shared.grpc_client import channel
 from shared.grpc_server import start
@@ -75,6 +76,22 @@ def test_submit_watch_list_and_cancel(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.CancelRun(train_pb2.CancelRunRequest(run_id=run.run_id), timeout=30)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_runs_that_select_on_test_are_marked(stub):
+    honest = stub.SubmitRun(train_pb2.SubmitRunRequest(config_yaml=CONFIG, overrides=["epochs=50"]), timeout=30)
+    peeked = stub.SubmitRun(train_pb2.SubmitRunRequest(
+        config_yaml=CONFIG, overrides=["epochs=50", "data.val_split=test"]), timeout=30)
+    try:
+        assert (honest.selection_split, peeked.selection_split) == ("val", "test")
+        listed = stub.ListRuns(train_pb2.ListRunsRequest(), timeout=30).runs
+        rows = {line.split()[0]: line for line in format_runs(listed).splitlines()}
+        assert rows[honest.run_id].endswith("  val") and rows[peeked.run_id].endswith("  test (!)")
+        assert "selected on the test split" in rows["(!)"]
+        assert "selected on the test split" in format_run(peeked) and "test split" not in format_run(honest)
+    finally:
+        for run in (peeked, honest):
+            stub.CancelRun(train_pb2.CancelRunRequest(run_id=run.run_id), timeout=60)
 
 
 @pytest.mark.parametrize("config, overrides, code, text", [

@@ -55,6 +55,9 @@ class RunRecord:
     launch_events: int = 0
     # The run this one was forked from (SubmitRun with fork): a new run, started from scratch.
     forked_from: str = ""
+    # The split selection sees ("val", or "test" when the config selects on the test split), shown wherever the
+    # run is listed; "" in records written before it was recorded.
+    selection_split: str = ""
 
 
 @dataclass
@@ -280,6 +283,7 @@ class RunManager:
             # A run without checkpoints may be resubmitted with another config: the record follows it.
             record.experiment, record.model, record.epochs = config.experiment, config.model.name, config.epochs
             record.replicas = replicas
+            record.selection_split = config.selection_split
             record.labels = dict(labels or record.labels)
             record.submitted = time.time()
             be = self._backend(record.backend)

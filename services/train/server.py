@@ -28,7 +28,7 @@ def to_proto(view: RunView) -> train_pb2.Run:
             experiment=r.experiment, model=r.model, epoch=view.epoch, epochs=r.epochs, metrics=view.metrics,
             mlflow_run_id=view.mlflow_run_id, message=view.message, created_unix=r.created,
             started_unix=view.started, finished_unix=view.finished, config_yaml=r.config_yaml, replicas=r.replicas,
-            model_uri=view.model_uri, forked_from=r.forked_from,
+            model_uri=view.model_uri, forked_from=r.forked_from, selection_split=r.selection_split,
         )
     except (ValueError, TypeError) as exc:
         # A record the message cannot carry (written before its fields were bounded, or edited by hand) is

@@ -39,7 +39,7 @@ class SubmitRunRequest(_message.Message):
     def __init__(self, config_yaml: _Optional[str] = ..., overrides: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., run_id: _Optional[str] = ..., replicas: _Optional[int] = ..., fork: _Optional[bool] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "state", "backend", "experiment", "model", "epoch", "epochs", "metrics", "mlflow_run_id", "message", "created_unix", "started_unix", "finished_unix", "config_yaml", "replicas", "model_uri", "forked_from")
+    __slots__ = ("run_id", "state", "backend", "experiment", "model", "epoch", "epochs", "metrics", "mlflow_run_id", "message", "created_unix", "started_unix", "finished_unix", "config_yaml", "replicas", "model_uri", "forked_from", "selection_split")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Run(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     FORKED_FROM_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_SPLIT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     backend: str
@@ -81,7 +82,8 @@ class Run(_message.Message):
     replicas: int
     model_uri: str
     forked_from: str
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., backend: _Optional[str] = ..., experiment: _Optional[str] = ..., model: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mlflow_run_id: _Optional[str] = ..., message: _Optional[str] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., config_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., model_uri: _Optional[str] = ..., forked_from: _Optional[str] = ...) -> None: ...
+    selection_split: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., backend: _Optional[str] = ..., experiment: _Optional[str] = ..., model: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mlflow_run_id: _Optional[str] = ..., message: _Optional[str] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., config_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., model_uri: _Optional[str] = ..., forked_from: _Optional[str] = ..., selection_split: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -68,6 +68,8 @@ class RunResult:
     timings: list[dict[str, float]] = field(default_factory=list)
     # The final evaluation of the selected model: test_* figures, calibration.
     final_metrics: dict[str, float] = field(default_factory=dict)
+    # Seconds after the last epoch: "evaluation" (the test split, calibration) and "finish" (logging, export).
+    final_timings: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -299,10 +301,13 @@ class Engine:
             result = RunResult(self.run_id, state.mlflow_run_id, "SUCCEEDED", epoch, state.history,
                                state.best_metric, state.best_epoch, message=state.stopped, timings=self.timings)
             result.final_weights_sha256 = hashlib.sha256(ckpt.state_dict_bytes(model)).hexdigest()
+            t0 = time.perf_counter()
             weights, final, fresh = self._final_evaluation(task, model, state)
+            t1 = time.perf_counter()
             result.final_metrics = final.metrics
             if dist.is_main:
                 self._finish(result, task, model_kwargs, state, tracker, weights, final, fresh)
+            result.final_timings = {"evaluation": t1 - t0, "finish": time.perf_counter() - t1}
         except BaseException as exc:
             if tracker is not None:
                 tracker.__exit__(*sys.exc_info())
