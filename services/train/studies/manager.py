@@ -10,7 +10,8 @@ restarted service rebuilds every unfinished study from these and carries on; not
 Trial outcomes: a trial whose run reported its own end keeps it (SUCCEEDED, or FAILED with the run's reason,
 which counts against the failure budget). A trial whose worker vanished without reporting (``kill -9``, an
 evicted pod) is resubmitted under the same run id, which resumes it from its newest checkpoint, up to
-``RESUMES`` times.
+``RESUMES`` times. A trial recorded RUNNING whose run never reached the registry (the service died between the
+two) is queued again.
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ class StudyController:
                                    f"{rec.spec.failure_budget}")
             return True
         if self._search is not None:
-            self._search.report(rec, views, self.manager.runs, self._prune)
+            self._search.report(rec, views, self._prune)
             for trial in self._search.new_trials(rec, self._running(), self._slots()):
                 rec.trials.append(trial)
                 self.save()
@@ -156,7 +157,14 @@ class StudyController:
         views = {}
         for trial in rec.trials:
             outcome = rec.outcome(trial.trial_id)
-            if outcome.state != "RUNNING" or not runs.exists(trial.run_id):
+            if outcome.state != "RUNNING":
+                continue
+            if not runs.exists(trial.run_id):
+                # _submit saves RUNNING before the registry has the run: a service that died in between left
+                # the trial without one, so it is submitted again.
+                log.warning("trial has no run; queueing it again", extra={"study": rec.study_id,
+                                                                          "run_id": trial.run_id})
+                outcome.state = "QUEUED"
                 continue
             view = views[trial.trial_id] = runs.get(trial.run_id)
             if view.state not in TERMINAL:

@@ -34,7 +34,7 @@ class Search:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        storage = JournalStorage(JournalFileBackend(str(directory / "optuna.journal")))
+        self.storage = JournalStorage(JournalFileBackend(str(directory / "optuna.journal")))
         self.spec = spec
         self.distributions = {
             name: (optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log) if p.type == "int"
@@ -42,25 +42,31 @@ class Search:
             for name, p in search.params.items()}
         self.points = {_point_key(p): p for p in grid_points(spec)}
         self.studies: dict[str, optuna.Study] = {}
+        existing = set(optuna.study.get_all_study_names(self.storage))
         for key in self.points:
-            sampler = optuna.samplers.TPESampler(seed=search.seed) if search.sampler == "tpe" \
-                else optuna.samplers.RandomSampler(seed=search.seed)
-            pruner = optuna.pruners.MedianPruner(n_warmup_steps=search.pruner_warmup_epochs) \
+            name = f"{record.study_id}:{key}"
+            # A sampler seeded as at the start would ask a restarted search for the values it asked first (the
+            # same overrides: the same trial ids); seeded past the trials asked so far, it asks new ones.
+            asked = len(optuna.load_study(study_name=name, storage=self.storage).trials) if name in existing else 0
+            sampler = optuna.samplers.TPESampler(seed=search.seed + asked) if search.sampler == "tpe" \
+                else optuna.samplers.RandomSampler(seed=search.seed + asked)
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=search.pruner_startup_trials,
+                                                 n_warmup_steps=search.pruner_warmup_epochs) \
                 if search.pruner == "median" else optuna.pruners.NopPruner()
             self.studies[key] = optuna.create_study(
-                study_name=f"{record.study_id}:{key}", storage=storage, sampler=sampler, pruner=pruner,
+                study_name=name, storage=self.storage, sampler=sampler, pruner=pruner,
                 direction=spec.objective.direction, load_if_exists=True)
         self._live: dict[str, optuna.Trial] = {}
-        self._reported: dict[str, int] = {}
 
     def _trial(self, trial: Trial) -> optuna.Trial:
         """The Optuna trial behind one of ours (rebuilt after a restart from the journal)."""
         live = self._live.get(trial.trial_id)
         if live is None:
             study = self.studies[trial.search_point]
-            # Optuna has no public way from a trial number back to a reportable Trial; its storage API does it.
-            number_to_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial.number)
-            live = self._live[trial.trial_id] = optuna.Trial(study, number_to_id)
+            # A Study hides its storage and id; the storage's own (public) API maps the trial number back.
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+                self.storage.get_study_id_from_name(study.study_name), trial.number)
+            live = self._live[trial.trial_id] = optuna.Trial(study, trial_id)
         return live
 
     def new_trials(self, record: StudyRecord, running: int, slots: int) -> list[Trial]:
@@ -78,32 +84,38 @@ class Search:
                 asked, slots = asked + 1, slots - 1
         return out
 
-    def report(self, record: StudyRecord, views: dict[str, RunView], runs,
-               prune: Callable[[Trial, str], None]) -> None:
+    def report(self, record: StudyRecord, views: dict[str, RunView], prune: Callable[[Trial, str], None]) -> None:
         """Feed the running trials' per-epoch objective to Optuna and settle the ended ones."""
         metric = self.spec.objective.metric
         for trial in record.trials:
             outcome = record.outcome(trial.trial_id)
             if not trial.search_point or outcome.state == "QUEUED":
                 continue
-            study, ot = self.studies[trial.search_point], self._trial(trial)
-            if study.trials[trial.number].state != optuna.trial.TrialState.RUNNING:
+            study = self.studies[trial.search_point]
+            told = study.get_trials(deepcopy=False)[trial.number]
+            if told.state != optuna.trial.TrialState.RUNNING:
                 continue  # told already
+            if outcome.state in ("FAILED", "CANCELLED"):
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                continue
             view = views.get(trial.trial_id)
-            if outcome.state == "RUNNING" and view is not None:
-                for ev in view.epoch_events[self._reported.get(trial.trial_id, 0):]:
-                    if metric in ev.get("metrics", {}):
-                        ot.report(float(ev["metrics"][metric]), int(ev["epoch"]))
-                self._reported[trial.trial_id] = len(view.epoch_events)
-                if view.epoch_events and ot.should_prune():
+            if view is None:
+                continue
+            # Every epoch Optuna has not seen, also of a trial that ended between two polls: the median pruner
+            # compares a running trial with the completed trials' values at the same epoch.
+            ot = self._trial(trial)
+            values = [(int(ev["epoch"]), float(ev["metrics"][metric])) for ev in view.epoch_events
+                      if metric in ev.get("metrics", {})]
+            for epoch, value in values:
+                if epoch not in told.intermediate_values:
+                    ot.report(value, epoch)
+            if outcome.state == "RUNNING":
+                if values and ot.should_prune():
                     prune(trial, f"at epoch {view.epoch}: {metric} below the median of earlier trials")
                     study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
-            elif outcome.state == "SUCCEEDED" and view is not None:
-                values = [float(ev["metrics"][metric]) for ev in view.epoch_events if metric in ev.get("metrics", {})]
-                best = max(values) if self.spec.objective.direction == "maximize" else min(values)
-                study.tell(trial.number, best)
-            elif outcome.state in ("FAILED", "CANCELLED"):
-                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            elif outcome.state == "SUCCEEDED":
+                best = max if self.spec.objective.direction == "maximize" else min
+                study.tell(trial.number, best(v for _, v in values))
 
     def exhausted(self, record: StudyRecord) -> bool:
         """Every grid point has asked for all its trials."""

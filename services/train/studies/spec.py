@@ -76,9 +76,11 @@ class SearchSpec(_Strict):
     seed: int = 0
     params: dict[str, SearchParam] = Field(min_length=1)
     # Median pruner on the per-epoch objective: a trial below the median of earlier trials at the same epoch
-    # (after `pruner_warmup_epochs`) is stopped.
+    # (after `pruner_warmup_epochs`) is stopped, once `pruner_startup_trials` trials of its grid point have
+    # finished (Optuna's default, 5: a search of fewer trials than that never prunes).
     pruner: Literal["median", "none"] = "median"
     pruner_warmup_epochs: int = Field(1, ge=0)
+    pruner_startup_trials: int = Field(5, ge=1)
 
 
 class Objective(_Strict):
