@@ -433,3 +433,19 @@ def test_watch_a_study_to_its_end_and_write_its_report(tmp_path, study_env, mlfl
     for name in ("report.md", "report.html"):
         assert (out_dir / name).read_bytes() == store.get_bytes(f"studies/{study.study_id}/report/{name}")
     assert "| mnist_ultralight | 6,008 |" in report.stdout and f"{out_dir / 'report.md'}" in report.stdout
+
+
+def test_a_study_without_grid_axes_reports_a_row_per_trial_named_by_what_it_sets():
+    from services.train.studies.report import build_tables
+    from services.train.studies.results import DONE, StudyData, TrialData
+
+    trials = [TrialData(f"t{i}", f"r{i}", {}, {"optimizer.lr": lr}, status=DONE, metrics={"val_acc": acc})
+              for i, (lr, acc) in enumerate([(0.0123456, 0.5), (0.002, 0.75)])]
+    from services.train.studies.spec import StudySpec
+
+    spec = StudySpec.model_validate({"name": "lr-search", "base_config": {"model": {"name": "mnist_ultralight"}},
+                                     "report": {"columns": ["val_acc", "status"], "plots": []}})
+    study = {"spec": spec.model_dump(mode="json")}
+    results = build_tables(StudyData(study, trials))[0]
+    assert results.headers == ["Row", "Val acc %", "Status"]
+    assert [r[:2] for r in results.rows] == [["optimizer.lr=0.0123", "50.00"], ["optimizer.lr=0.002", "75.00"]]

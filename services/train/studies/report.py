@@ -200,13 +200,21 @@ class Table:
         return buf.getvalue()
 
 
+def _trial_name(t: TrialData) -> str:
+    sets = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.overrides.items())
+    return sets or t.trial_id
+
+
 def build_tables(data: StudyData) -> list[Table]:
     spec = data.study["spec"]
     group_axes = [a for a in data.axes if a != "seed"]
     columns = [COLUMNS[c] for c in spec["report"]["columns"]]
     seeds = f" Mean ± std over seeds {spec['grid']['seed']}." if "seed" in spec["grid"] else ""
-    rows = [[*map(label, key), *(_cell(c, ts) for c in columns)]
-            for key, ts in sorted(group(data.trials, group_axes).items())]
+    if group_axes:
+        rows = [[*map(label, key), *(_cell(c, ts) for c in columns)]
+                for key, ts in sorted(group(data.trials, group_axes).items())]
+    else:  # no grid axes (a search, or one config): a row per trial, named by what it sets
+        rows = [[_trial_name(t), *(_cell(c, [t]) for c in columns)] for t in data.trials]
     rows += [[t.run_name, *("-" for _ in group_axes[1:]), *(_cell(c, [t]) for c in columns)] for t in data.extra_rows]
     results = Table(
         "Training results", [*(group_axes or ["Row"]), *(c.header for c in columns)], rows,
