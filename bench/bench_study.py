@@ -1,6 +1,6 @@
 """Studies: a trial's training throughput against a bare timm loop, and what the study machinery costs.
 
-    .venv/bin/python -m bench.bench_study [--skip-cpu-study] [--train 4000]
+    .venv/bin/python -m bench.bench_study [--skip-cpu-study] [--train 4000] [--rounds 3]
 
 1. Throughput: a one-trial study trains a timm backbone (resnet10t) at 32x32 on rendered CIFAR-format data
    through the train service's study path (a local worker process, the Engine, MLflow, checkpoints) and
@@ -25,10 +25,10 @@ from bench.loops import bare_loop
 REPO = Path(__file__).resolve().parent.parent
 
 
-def bare_timm(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int) -> float:
+def bare_timm(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> float:
     from shared.models import create_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model("resnet10t", num_classes=10, in_chans=3)
     return bare_loop(model, torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=0.05), x, y, batch_size,
                      epochs)
@@ -54,6 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-cpu-study", action="store_true")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
@@ -70,8 +71,16 @@ def main() -> int:
     threads = len(os.sched_getaffinity(0))
 
     print(f"1. trial throughput vs a bare timm loop: resnet10t, 32x32, batch 64, {threads} threads, "
-          f"{args.train} samples, best of {args.epochs} epochs")
-    spec = f"""
+          f"{args.train} samples, best epoch of {args.rounds} rounds a side ({args.epochs} epochs each), "
+          "the two sides alternating")
+    train, _ = read_cifar10(data / "cifar")
+    mean, std = NORMALIZATION["cifar10"]
+    x = Normalizer(mean, std)(train.images[:args.train])
+    torch.set_num_threads(threads)
+    trial_sps = bare = 0.0
+    # Rounds alternate so that a slow minute on this shared VM lands on both sides, not on one.
+    for r in range(args.rounds):
+        spec = f"""
 name: bench-trial
 base_config:
   experiment: bench-trial
@@ -80,17 +89,15 @@ base_config:
   epochs: {args.epochs}
   batch_size: 64
   optimizer: {{name: adamw, lr: 0.002, weight_decay: 0.05}}
-grid: {{seed: [0]}}
+grid: {{seed: [{r}]}}
 parallelism: 1
 benchmark: {{enabled: false}}
 """
-    record, children, client = run_study(spec, tmp)
-    trial_sps = max(m.value for m in client.get_metric_history(children[0].info.run_id, "samples_per_second"))
-    train, _ = read_cifar10(data / "cifar")
-    mean, std = NORMALIZATION["cifar10"]
-    x = Normalizer(mean, std)(train.images[:args.train])
-    torch.set_num_threads(threads)
-    bare = bare_timm(x, train.labels[:args.train], 64, args.epochs)
+        record, children, client = run_study(spec, tmp)
+        trial_sps = max(trial_sps, *(m.value for m in client.get_metric_history(children[0].info.run_id,
+                                                                              "samples_per_second")))
+        torch.set_num_threads(threads)
+        bare = max(bare, bare_timm(x, train.labels[:args.train], 64, args.epochs, seed=r))
     print(f"   study trial {trial_sps:8.1f} samples/s | bare loop {bare:8.1f} samples/s | ratio "
           f"{trial_sps / bare:6.1%} (target >= 90%)")
 
