@@ -12,8 +12,8 @@ human value encodes to the tokenizer's image id (the slot where image features b
 aligned with input_ids (Hugging Face convention): the model's prediction at position t is scored
 against labels[t + 1], the models shift.
 
-Truncation to ``max_len`` (default 384 tokens; the longest synthetic description is ~210 tokens with
-the 1,024-token BPE):
+Truncation to ``max_len`` (default 384 tokens; the longest synthetic description is ~100 tokens with
+the 1,536-token BPE, ~57 on average):
 1. the instruction is cut first, from its end, keeping every image token: it carries no loss;
 2. if the answer alone does not fit in ``max_len - 3`` (BOS, SEP, EOS), the instruction text is gone
    and the answer is cut from its end, and the EOS is dropped: the model must not learn to stop
