@@ -7,9 +7,7 @@ The steps, always in this order:
 2. normalised as ``(x / 255 - mean) / std``, computed as one fused ``addcmul`` with precomputed constants;
 3. resized in float to the model's input size when it differs (bilinear, antialiased when shrinking).
    Training upsamples small datasets this way on the device (CIFAR 32x32 -> 224 for ViTs), after
-   augmentation, so serving a 32x32 image to such a model repeats exactly what training did. A model may
-   ask for area averaging instead (``resize_mode="area"``): the CAD captioner does, so that the thin
-   outlines of its rendered views stay grey lines rather than alias away.
+   augmentation, so serving a 32x32 image to such a model repeats exactly what training did.
 """
 from __future__ import annotations
 
@@ -46,16 +44,10 @@ class Normalizer:
         return torch.addcmul(self.shift, x, self.scale_unit)
 
 
-RESIZE_MODES = ("bilinear", "area")
-
-
-def resize(x: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
-    """A float batch to (height, width) (``mode``: one of ``RESIZE_MODES``); unchanged when it already has that
-    size."""
+def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A float batch to (height, width); unchanged when it already has that size."""
     if x.shape[-2:] == (height, width):
         return x
-    if mode == "area":
-        return F.interpolate(x, size=(height, width), mode="area")
     shrinking = x.shape[-2] > height or x.shape[-1] > width
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)
 
@@ -79,12 +71,9 @@ class Preprocessor:
     """The input pipeline of one model, from its ``input_size`` [C, H, W] and normalisation."""
 
     def __init__(self, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 device: str | torch.device | None = None, resize_mode: str = "bilinear"):
+                 device: str | torch.device | None = None):
         if len(input_size) != 3 or min(input_size) <= 0:
             raise InvalidArgument(f"model input_size must be [C, H, W], got {list(input_size)}")
-        if resize_mode not in RESIZE_MODES:
-            raise InvalidArgument(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-        self.resize_mode = resize_mode
         self.channels, self.height, self.width = (int(v) for v in input_size)
         if len(mean) != self.channels or len(std) != self.channels:
             raise InvalidArgument(f"normalization needs {self.channels} mean/std values, got {mean} / {std}")
@@ -105,4 +94,4 @@ class Preprocessor:
         return self.normalizer(x_u8)
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
-        return resize(x, self.height, self.width, self.resize_mode)
+        return resize(x, self.height, self.width)

@@ -35,10 +35,11 @@ from services.train.engine.tasks.base import Evaluation, Task, TrainBatches
 from shared.cad.descriptions import parse_description, size_within
 from shared.data.llava import LlavaDataset, read_llava
 from shared.errors import FailedPrecondition, InvalidArgument
-from shared.models.captioner import PIXEL_MEAN, PIXEL_STD, TOKENIZER_FILE, preprocess_images
+from shared.models.captioner import TOKENIZER_FILE, preprocess_images
 from shared.plots import plot_captions, plot_curves
 from shared.text import Example, Tokenizer, collate, encode_record, human_and_answer, record_texts, train_tokenizer
 
+PIXEL_MEAN = PIXEL_STD = (0.5, 0.5, 0.5)  # (rgb / 255 - 0.5) / 0.5: shared.models.captioner.preprocess_images
 GENERATE_BATCH = 64  # views decoded together at the end
 
 
