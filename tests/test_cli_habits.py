@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 
 from cli.local_stack import SERVICES, down, up
-from services.train.server import TrainServiceServicer, build_manager
+from services.train.server import build_manager
 from services.train.studies.manager import StudyManager
-from shared.grpc_server import start
-from shared.pb import train_pb2, train_pb2_grpc
+from shared.pb import train_pb2
 from shared.storage import open_store
 from tests.harness import free_ports
 from tests.harness.inference import digits_nhwc, publish_random, reference_probs, serving
+from tests.harness.services import served, train_registrar
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_LINE = re.compile(r"^\{.*\}$")
@@ -200,14 +200,8 @@ def train_server(env, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     manager = build_manager(max_concurrent=0)
     studies = StudyManager(manager, open_store(), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", poll_s=0.2)
-
-    def register(server):
-        train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(manager, studies), server)
-        return ["trainyard.v1.TrainService"]
-
-    host = start("train", register, port=0)
-    yield f"127.0.0.1:{host.port}"
-    host.stop(1)
+    with served("train", train_registrar(manager, studies), grace=1) as address:
+        yield address
 
 
 def test_runs_and_studies_as_json_against_the_train_service(env, tmp_path, train_server):

@@ -23,6 +23,7 @@ from services.train.studies.report import report_from_mlflow
 from services.train.studies.spec import expand_grid, load_spec, study_id
 from shared.errors import InvalidArgument
 from shared.storage import open_store
+from tests.harness.services import served, train_registrar
 
 SPEC = """
 name: study-test
@@ -377,20 +378,10 @@ def test_a_study_survives_a_kill_9_of_the_train_service(tmp_path, study_env, mlf
 @pytest.fixture
 def train_service(study_env, mlflow_server, s3_store_url):
     """The train service (runs and studies) in this process, training one run at a time."""
-    from services.train.server import TrainServiceServicer
-    from shared.grpc_server import start
-    from shared.pb import train_pb2_grpc
-
     runs = build_manager(max_concurrent=1)
     studies = StudyManager(runs, open_store(s3_store_url), tracking_uri=mlflow_server.uri, poll_s=0.1)
-
-    def register(server):
-        train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(runs, studies), server)
-        return ["trainyard.v1.TrainService"]
-
-    host = start("train", register, port=0)
-    yield f"127.0.0.1:{host.port}"
-    host.stop(1)
+    with served("train", train_registrar(runs, studies), grace=1) as address:
+        yield address
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ never breaking everyone's answers, one launch per run id, resumes only with the 
 trained with, and queued runs and running workers surviving a kill -9 of the service."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,11 +19,11 @@ import pytest
 
 from services.train.local_backend import LocalBackend, started_at
 from services.train.runs import RunManager, RunRecord
-from services.train.server import TrainServiceServicer, build_manager
+from services.train.server import build_manager
 from shared.grpc_client import channel
-from shared.grpc_server import start
 from shared.pb import train_pb2, train_pb2_grpc
 from tests.harness import ManagedProcess, free_ports, tcp_probe
+from tests.harness.services import served, train_registrar
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """\
@@ -121,22 +122,13 @@ def in_process(tmp_path, monkeypatch):
     """The servicer on a real gRPC server in this process; ``max_concurrent=0`` keeps every run queued."""
     for key, value in _env(tmp_path).items():
         monkeypatch.setenv(key, value)
-    hosts = []
+    with contextlib.ExitStack() as hosts:
+        def make(max_concurrent: int = 0):
+            register = train_registrar(build_manager(max_concurrent=max_concurrent))
+            address = hosts.enter_context(served("train", register, grace=1))
+            return train_pb2_grpc.TrainServiceStub(channel(address))
 
-    def make(max_concurrent: int = 0):
-        manager = build_manager(max_concurrent=max_concurrent)
-
-        def register(server):
-            train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(manager), server)
-            return ["trainyard.v1.TrainService"]
-
-        host = start("train", register, port=0)
-        hosts.append(host)
-        return train_pb2_grpc.TrainServiceStub(channel(f"127.0.0.1:{host.port}"))
-
-    yield make
-    for host in hosts:
-        host.stop(1)
+        yield make
     _kill_workers(tmp_path / "home")
 
 

@@ -6,10 +6,10 @@ import grpc
 import pytest
 
 from cli.runs import format_run, format_runs
-from services.train.server import TrainServiceServicer, build_manager
+from services.train.server import build_manager
 from shared.grpc_client import channel
-from shared.grpc_server import start
 from shared.pb import train_pb2, train_pb2_grpc
+from tests.harness.services import served, train_registrar
 
 CONFIG = """\
 experiment: svc-test
@@ -28,15 +28,8 @@ def stub(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("TRAINYARD_PROGRESS", "0")
-    manager = build_manager(max_concurrent=1)
-
-    def register(server):
-        train_pb2_grpc.add_TrainServiceServicer_to_server(TrainServiceServicer(manager), server)
-        return ["trainyard.v1.TrainService"]
-
-    host = start("train", register, port=0)
-    yield train_pb2_grpc.TrainServiceStub(channel(f"127.0.0.1:{host.port}"))
-    host.stop(1)
+    with served("train", train_registrar(build_manager(max_concurrent=1)), grace=1) as address:
+        yield train_pb2_grpc.TrainServiceStub(channel(address))
 
 
 def _state(run) -> str:
