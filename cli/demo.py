@@ -140,6 +140,7 @@ def print_comparison(runs) -> None:
     evaluated once at the end) beside what MLflow recorded of the run."""
     from mlflow import MlflowClient
 
+    from cli.runs import TEST_SELECTED, selection_label
     from shared.modelcard import parse_model_ref, read_card
     from shared.settings import load_settings
     from shared.storage import open_store
@@ -155,15 +156,14 @@ def print_comparison(runs) -> None:
         mlflow_run = client.get_run(run.mlflow_run_id)
         m, logged = card.metrics, mlflow_run.data.metrics
         peeked |= card.selection_split == "test"
-        split = "test (!)" if card.selection_split == "test" else card.selection_split
         print(f"  {run.model:<18} {int(logged['num_params']):>10,} {m['train_acc']:>9.4f} {m['val_acc']:>8.4f} "
               f"{m['test_acc']:>8.4f} {m['overfit_gap']:>7.4f} {m['val_ece']:>7.4f} "
-              f"{logged['samples_per_second']:>10.0f}  {split:<11}  {mlflow_run.info.run_name}")
+              f"{logged['samples_per_second']:>10.0f}  {selection_label(card.selection_split):<11}  "
+              f"{mlflow_run.info.run_name}")
     print(f"  val acc: the selected epoch, on {card.val_source}; test acc: the test split, evaluated once at the "
           "end; gap: train acc (eval mode, no augmentation) - val acc")
     if peeked:
-        print("  (!) selected on the test split (data.val_split: test): its val acc is test accuracy, and its test "
-              "acc no held-out estimate")
+        print(f"  (!) {TEST_SELECTED}")
     sample = client.get_run(runs[-1].mlflow_run_id)
     system = sorted(k for k in sample.data.metrics if k.startswith("system/"))
     dataset = sample.inputs.dataset_inputs[0].dataset

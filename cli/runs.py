@@ -53,15 +53,20 @@ TEST_SELECTED = "selected on the test split (data.val_split: test): its val_* fi
                 "held-out estimate of it remains"
 
 
+def selection_label(split: str) -> str:
+    """The "selected on" cell: ``test (!)`` flags a run that selects on the test split (TEST_SELECTED says why);
+    ``?`` a run recorded before the split was."""
+    return {"test": "test (!)", "": "?"}.get(split, split)
+
+
 def format_runs(runs) -> str:
     """One line a run; a run that selects on the test split is flagged ``test (!)`` in the ``selected on`` column
     and explained below the table."""
     lines = [f"{'run id':<34} {'state':<10} {'backend':<10} {'model':<24} {'epoch':>7}  {'val_acc':<7}  selected on"]
     for r in runs:
         acc = f"{r.metrics['val_acc']:.4f}" if "val_acc" in r.metrics else "-"
-        split = {"test": "test (!)", "": "?"}.get(r.selection_split, r.selection_split)
         lines.append(f"{r.run_id:<34} {_state(r):<10} {r.backend:<10} {r.model:<24} {r.epoch:>3}/{r.epochs:<3}  "
-                     f"{acc:<7}  {split}")
+                     f"{acc:<7}  {selection_label(r.selection_split)}")
     if any(r.selection_split == "test" for r in runs):
         lines.append(f"(!) {TEST_SELECTED}")
     return "\n".join(lines)
