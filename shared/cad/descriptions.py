@@ -58,21 +58,28 @@ def size_within(predicted: tuple[float, ...] | None, truth: tuple[float, ...] | 
 
 # Image-level facts as class targets (``fact_targets``): what views show of a part, for a captioner's auxiliary
 # heads. Each group is one categorical target: the extrusion count (counts above MAX_EXTRUSIONS share the last
-# class), the first sketch plane's normal axis, and per step (up to MAX_EXTRUSIONS) its operation and its first
-# sketched shape, "none" past the last step.
+# class), the first sketch plane's normal axis, per step (up to MAX_EXTRUSIONS) its operation and its first
+# sketched shape ("none" past the last step), and the overall size as the view shows it: the renderer frames all
+# views of a part at one scale, its largest side spanning the image less the margins, so a view shows the extents
+# along its two visible axes as fractions of that side (SIZE_BINS classes each). The first visible axis in X, Y, Z
+# order is the view's horizontal, the second its vertical (front: X and Z; top: X and Y; right: Y and Z); the view
+# is read from the prompt ("looking along +Y").
 MAX_EXTRUSIONS = 4
+SIZE_BINS = 20
 SHAPE_KINDS = ("circle", "square", "rectangle", "triangle", "polygon", "slot", "rounded rectangle", "outline")
 OPERATION_KINDS = ("new", "join", "cut", "intersect")
 PLANE_AXES = ("X", "Y", "Z", "inclined")
 FACT_GROUPS: tuple[int, ...] = (MAX_EXTRUSIONS, len(PLANE_AXES), *[len(OPERATION_KINDS) + 1] * MAX_EXTRUSIONS,
-                                *[len(SHAPE_KINDS) + 1] * MAX_EXTRUSIONS)
+                                *[len(SHAPE_KINDS) + 1] * MAX_EXTRUSIONS, SIZE_BINS, SIZE_BINS)
 _STEP = re.compile(r"Step \d+: ")
 _PLANE = re.compile(r"on (?:the|a plane parallel to) (XY|XZ|YZ)\b|on an (inclined) plane")
 _NORMAL_OF_PLANE = {"YZ": "X", "XZ": "Y", "XY": "Z"}
+_DEPTH_AXIS = re.compile(r"looking (?:down )?along [+-]([XYZ])")
 
 
-def fact_targets(text: str) -> list[int]:
-    """One class index per FACT_GROUPS entry; -1 where the text does not say (a description cut short)."""
+def fact_targets(text: str, prompt: str) -> list[int]:
+    """One class index per FACT_GROUPS entry for an answer and the prompt it answers (which names the view); -1
+    where they do not say (a description cut short, a prompt that names no view)."""
     facts = parse_description(text)
     count = min(facts.extrusions, MAX_EXTRUSIONS) - 1 if facts.extrusions else -1
     plane = _PLANE.search(text)
@@ -91,4 +98,11 @@ def fact_targets(text: str) -> list[int]:
         ops.append(OPERATION_KINDS.index(_OPERATIONS[op.group(0)]) if op else -1)
         kind = _kind(shape.group(1)) if shape else None
         shapes.append(SHAPE_KINDS.index(kind) if kind in SHAPE_KINDS else -1)
-    return [count, axis, *ops, *shapes]
+    depth = _DEPTH_AXIS.search(prompt)
+    if facts.size is None or depth is None or max(facts.size) <= 0:
+        extents = [-1, -1]
+    else:
+        largest = max(facts.size)
+        extents = [min(int(facts.size[i] / largest * SIZE_BINS), SIZE_BINS - 1)
+                   for i, name in enumerate("XYZ") if name != depth.group(1)]
+    return [count, axis, *ops, *shapes, *extents]

@@ -6,25 +6,31 @@ Why 64 px: the views are flat-shaded parts with black outlines, framed so the pa
 64 px outlines, holes and bosses stay visible, and the encoder costs a quarter of what it would at 128 px
 in a training step that the ~125 GRU steps per sample already dominate.
 
-Decoder: token embedding (E) -> GRU (H) -> [h_t ; attention context over the 4x4 feature map] -> tanh
-projection (E) -> vocabulary logits. The image conditions the decoder four ways:
+Encoder: four stride-2 conv stages (GroupNorm) over the image and two coordinate channels (CoordConv), pooled by
+mean and by max: where a silhouette ends is what a part's size is in a view, and the renderer draws every view of
+a part at one scale, so a view shows the part's extents as fractions of its largest side.
+
+Decoder: token embedding (E) -> GRU (H) -> [h_t ; attention context over the feature map] -> tanh projection
+(E) -> vocabulary logits. The image conditions the decoder four ways:
 - a linear map of the whole flattened feature map (where things are, not only what) is the GRU's initial
   hidden state; it is left unsquashed: a tanh here saturated in training and cut the image off;
 - as in LLaVA, the ``<image>`` placeholder's input embedding is replaced by a projection of that code;
 - the pooled features are added to every input embedding: the same as concatenating them to each input
   (the GRU's input map is linear), without paying for a wider input at every step;
-- each output reads a dot-product attention over the 16 cells of the feature map (Luong-style, after the
-  GRU, so all steps attend in one batched matmul);
+- each output reads a dot-product attention over the cells of one encoder stage's map (``attn_stage``, the last,
+  4x4, by default), each cell with a learnt position embedding (Luong-style, after the GRU, so all steps attend
+  in one batched matmul);
 - facts heads on the pooled features predict what a view shows of the part (extrusion count, first sketch
-  plane, each step's operation and shape: ``shared.cad.descriptions.fact_targets``), trained beside the text
-  with ``facts_weight``, and their predicted distributions are added into the initial hidden state and into
-  every step's input, so the decoder reads them where it writes them.
+  plane, each step's operation and shape, the extents across and down the view:
+  ``shared.cad.descriptions.fact_targets``), trained beside the text with ``facts_weight``, and their predicted
+  distributions are added into the initial hidden state and into every step's input, so the decoder reads them
+  where it writes them.
 ``loss`` computes logits only at labelled positions: the vocabulary projection is the largest per-token
 cost after the recurrence, and the instruction and padding need none.
 
 Default config (vocab 1,536, image 64, channels 16-32-64-128 with a second conv at 8x8, GroupNorm, E 64,
-H 128, attention 64): 620,752 parameters; the vocabulary's embedding and output layer hold 198,144 of them,
-the map -> initial-state layers 139,456, cheap because they run once per sample, not per token.
+H 128, attention 64, dropout 0.35): 657,432 parameters; the vocabulary's embedding and output layer hold 198,144 of
+them, the map -> initial-state layers 139,456, cheap because they run once per sample, not per token.
 """
 from __future__ import annotations
 
@@ -88,24 +94,38 @@ class ImageEncoder(nn.Module):
     """Four stride-2 conv stages: (B, 3, S, S) -> (B, C, S/16, S/16), 4x4 cells at S = 64.
 
     ``double``: stages that get a second, stride-1 conv (the 8x8 one by default: cheap per sample there).
+    Two coordinate channels (x and y in [-1, 1]) join the image (CoordConv): with them a channel can hold "part
+    here, this far right", and the max over the map where the part's silhouette ends, which is what its size is
+    in the view.
     """
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128), double: tuple[int, ...] = (2,),
                  norm: str = "group"):
         super().__init__()
         layers: list[nn.Module] = []
-        cin = 3
+        self.stage_ends: list[int] = []  # index in ``net`` after each stage's last layer
+        cin = 5
         for i, cout in enumerate(channels):
             layers += _conv_norm(cin, cout, 2, norm)
             if i in double:
                 layers += _conv_norm(cout, cout, 1, norm)
+            self.stage_ends.append(len(layers))
             cin = cout
         self.net = nn.Sequential(*layers)
-        self.out_channels = cin
         self.stride = 2 ** len(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, stage: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the map after ``stage``, the last map)."""
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        x = torch.cat([x, ys, xs], 1)
+        end, kept = self.stage_ends[stage], None
+        for i, layer in enumerate(self.net):
+            x = layer(x)
+            if i + 1 == end:
+                kept = x
+        return kept, x
 
 
 class TextGenerator:
@@ -151,36 +171,45 @@ class TextGenerator:
 class CadCaptioner(TextGenerator, nn.Module):
     def __init__(self, vocab_size: int = 1536, image_size: int = 64, channels: tuple[int, ...] = (16, 32, 64, 128),
                  double: tuple[int, ...] = (2,), embed_dim: int = 64, hidden_dim: int = 128, attn_dim: int = 64,
-                 dropout: float = 0.1, image_token_id: int = 4, facts_weight: float = 3.0, norm: str = "group"):
+                 dropout: float = 0.35, image_token_id: int = 4, facts_weight: float = 3.0, norm: str = "group",
+                 attn_stage: int = -1):
         super().__init__()
         # image_token_id: the tokenizer's <image> id (4 in every shared.text tokenizer).
         self.vocab_size, self.image_size, self.image_token_id = vocab_size, image_size, image_token_id
         if norm not in ("group", "batch", "none"):
             raise InvalidArgument(f"norm must be group, batch or none, got {norm!r}")
+        if not -len(channels) <= attn_stage < len(channels):
+            raise InvalidArgument(f"attn_stage must name one of the {len(channels)} encoder stages, got {attn_stage}")
         self.encoder = ImageEncoder(tuple(channels), tuple(double), norm)
         if image_size % self.encoder.stride:
             raise InvalidArgument(f"image_size must be a multiple of {self.encoder.stride}, got {image_size}")
-        c, cells = self.encoder.out_channels, (image_size // self.encoder.stride) ** 2
+        c, cells = channels[-1], (image_size // self.encoder.stride) ** 2
         # The initial state sees the whole flattened map, so it knows where things are, not only what;
         # a per-sample linear layer, so its parameters cost almost nothing per token.
         # (a 1x1 conv to 64 channels first halves it: the flattened 128-channel map would need 262K weights)
         self.init_reduce = nn.Conv2d(c, 64, 1)
         self.init_hidden = nn.Linear(64 * cells, hidden_dim)
-        self.image_bias = nn.Linear(c, embed_dim)
+        # Pooled features: mean and max over the map (the max finds where the silhouette ends).
+        self.image_bias = nn.Linear(2 * c, embed_dim)
         # LLaVA-style: the <image> placeholder's input embedding is replaced by a projection of the image.
         self.image_token = nn.Linear(hidden_dim, embed_dim)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.gru = nn.GRU(embed_dim, hidden_dim, batch_first=True)
+        # Attention over the cells of one encoder stage's map, each cell with a learnt position embedding.
+        self.attn_stage = attn_stage % len(channels)
+        ac, side = channels[self.attn_stage], image_size // 2 ** (self.attn_stage + 1)
+        self.cell_pos = nn.Parameter(torch.zeros(side * side, ac))
         self.attn_query = nn.Linear(hidden_dim, attn_dim, bias=False)
-        self.attn_key = nn.Linear(c, attn_dim, bias=False)
-        self.attn_value = nn.Linear(c, attn_dim, bias=False)
+        self.attn_key = nn.Linear(ac, attn_dim, bias=False)
+        self.attn_value = nn.Linear(ac, attn_dim, bias=False)
         self.pre_out = nn.Linear(hidden_dim + attn_dim, embed_dim)
         self.out = nn.Linear(embed_dim, vocab_size)
         self.drop = nn.Dropout(dropout)
-        # Facts heads: the pooled image predicts the part's extrusion count, first sketch shape and operations
-        # (shared.cad.descriptions.fact_targets), and the decoder starts from those predictions too. See ``loss``.
+        # Facts heads: the pooled image predicts the part's extrusion count, first sketch plane, each step's
+        # operation and shape, and its size across and down the view (shared.cad.descriptions.fact_targets), and the
+        # decoder starts from those predictions too. See ``loss``.
         self.facts_weight, self.fact_groups = facts_weight, FACT_GROUPS
-        self.facts_head = nn.Linear(c, sum(FACT_GROUPS))
+        self.facts_head = nn.Linear(2 * c, sum(FACT_GROUPS))
         self.facts_in = nn.Linear(sum(FACT_GROUPS), hidden_dim, bias=False)
         self.facts_embed = nn.Linear(sum(FACT_GROUPS), embed_dim, bias=False)
         self.tokenizer: Tokenizer | None = None
@@ -193,20 +222,21 @@ class CadCaptioner(TextGenerator, nn.Module):
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
             raise InvalidArgument(f"expected images (B, 3, {self.image_size}, {self.image_size}), "
                                   f"got {tuple(images.shape)}")
-        fmap = self.encoder(images)
-        cells = fmap.flatten(2).transpose(1, 2)  # (B, cells, C)
-        pooled = cells.mean(1)
+        attended, fmap = self.encoder(images, self.attn_stage)
+        cells = fmap.flatten(2)  # (B, C, cells)
+        pooled = torch.cat([cells.mean(2), cells.amax(2)], 1)
         facts = self.facts_head(self.drop(pooled))
         beliefs = torch.cat([group.softmax(1) for group in facts.split(FACT_GROUPS, dim=1)], dim=1)
         code = self.init_hidden(self.drop(self.init_reduce(fmap).flatten(1))) + self.facts_in(beliefs)
+        where = attended.flatten(2).transpose(1, 2) + self.cell_pos  # (B, cells, C)
         return {
             "h0": code[None],
             "token": self.image_token(code)[:, None],
             # Into every step's input too: the state from h0 fades over the ~100 steps of a description.
             "bias": (self.image_bias(pooled) + self.facts_embed(beliefs))[:, None],
             "facts": facts,
-            "keys": self.attn_key(cells),
-            "values": self.attn_value(cells),
+            "keys": self.attn_key(where),
+            "values": self.attn_value(where),
         }
 
     def _run(self, state: dict[str, torch.Tensor], input_ids: torch.Tensor, h0: torch.Tensor
@@ -256,9 +286,9 @@ class CadCaptioner(TextGenerator, nn.Module):
         return ce + self.facts_weight * aux
 
     @staticmethod
-    def fact_targets(answers: list[str]) -> torch.Tensor:
-        """(B, len(FACT_GROUPS)) int64 class targets of the answers (-1 where a text does not say)."""
-        return torch.tensor([fact_targets(a) for a in answers], dtype=torch.long)
+    def fact_targets(turns: list[tuple[str, str]]) -> torch.Tensor:
+        """(B, len(FACT_GROUPS)) int64 class targets of (prompt, answer) turns (-1 where they do not say)."""
+        return torch.tensor([fact_targets(answer, prompt) for prompt, answer in turns], dtype=torch.long)
 
     # ---- generation ----
 
@@ -395,8 +425,8 @@ class CadCaptioner(TextGenerator, nn.Module):
 @register_model
 def cad_captioner(vocab_size: int = 1536, image_size: int = 64, channels: tuple[int, ...] = (16, 32, 64, 128),
                   double: tuple[int, ...] = (2,), embed_dim: int = 64, hidden_dim: int = 128, attn_dim: int = 64,
-                  dropout: float = 0.1, image_token_id: int = 4, facts_weight: float = 3.0,
-                  norm: str = "group") -> nn.Module:
-    """CNN encoder + image-conditioned GRU decoder for CAD view -> text, 620,752 params at the defaults."""
+                  dropout: float = 0.35, image_token_id: int = 4, facts_weight: float = 3.0,
+                  norm: str = "group", attn_stage: int = -1) -> nn.Module:
+    """CNN encoder + image-conditioned GRU decoder for CAD view -> text, 657,432 params at the defaults."""
     return CadCaptioner(vocab_size, image_size, channels, double, embed_dim, hidden_dim, attn_dim, dropout,
-                        image_token_id, facts_weight, norm)
+                        image_token_id, facts_weight, norm, attn_stage)

@@ -89,9 +89,14 @@ class _Split:
 
 
 class _Batches:
-    """Shuffled batches of similar lengths (less padding: the GRU pays for every padded step): the split is
-    shuffled, cut into chunks of 32 batches, each chunk sorted by length and cut into batches, and the batches
-    shuffled again. The order depends only on the seed and the epoch, so a resumed run sees the same batches."""
+    """Uniformly shuffled batches; the order depends only on the seed and the epoch, so a resumed run sees the same
+    batches.
+
+    Not bucketed by length, though the GRU pays for every padded step: a description's length follows its part's
+    extrusion count, so length-sorted batches each hold parts of one count, and the facts heads (and the image
+    path of the text loss) then learn from batches whose gradient points at one class; the count head stayed at
+    chance on validation and the image gap at 0.01 nats. Shuffled batches cost a fifth more time per sample
+    (``bench/bench_captioner.py``: 487 against 590 samples/s in the bare loop)."""
 
     def __init__(self, task: CaptioningTask):
         self.task = task
@@ -103,14 +108,9 @@ class _Batches:
 
     def _order(self) -> list[list[int]]:
         split, bs = self.task.train, self.task.cfg.batch_size
-        rng = random.Random(self.task.cfg.seed * 1_000_003 + self.epoch)
         idx = list(range(len(split)))
-        rng.shuffle(idx)
-        lengths = [len(e.input_ids) for e in split.examples]
-        chunk = bs * 32
-        idx = [i for c in range(0, len(idx), chunk) for i in sorted(idx[c:c + chunk], key=lambda i: lengths[i])]
+        random.Random(self.task.cfg.seed * 1_000_003 + self.epoch).shuffle(idx)
         batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
-        rng.shuffle(batches)
         dist = self.task.runtime.dist
         return batches[dist.rank::dist.world_size]
 
@@ -201,7 +201,7 @@ class CaptioningTask(Task):
         model.tokenizer = self.tokenizer
         # A model with auxiliary heads reads its targets out of the answers (cad_captioner: the parts' facts).
         if hasattr(model, "fact_targets"):
-            self.train.facts = model.fact_targets([human_and_answer(r)[1] for r in self.train.records])
+            self.train.facts = model.fact_targets([human_and_answer(r) for r in self.train.records])
         size = model.image_size
         for split in (self.train, self.val, self.test):
             if split is not None:
@@ -288,7 +288,7 @@ class CaptioningTask(Task):
     def _facts_accuracy(self, model: torch.nn.Module, split: _Split, rows: list[int]) -> dict[str, float]:
         """The auxiliary heads' own extrusion-count accuracy (first group), straight from the image."""
         if split.facts is None:
-            split.facts = model.fact_targets([human_and_answer(r)[1] for r in split.records])
+            split.facts = model.fact_targets([human_and_answer(r) for r in split.records])
         dev, bs = self.runtime.device, self._eval_batch
         right = 0
         for s in range(0, len(rows), bs):
