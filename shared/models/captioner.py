@@ -54,9 +54,9 @@ def preprocess_images(images: torch.Tensor, size: int = 64) -> torch.Tensor:
     """uint8 (B, 3, H, W) or (3, H, W) RGB -> float (B, 3, size, size) in [-1, 1], area-averaged.
 
     Not ``shared.preprocess.Preprocessor``: that normalises (one fused op) before it resizes, which moves these
-    values by up to 4e-7, and the captioner's training on CPU is that sensitive — with those inputs the 2,000-model
-    acceptance run's facts head read the extrusion count 26.8% right instead of 39.5%. Training, evaluation,
-    the benchmark and serving all call this one function."""
+    values by up to 4e-7; with the length-sorted training batches of an earlier version that was enough to move
+    the 2,000-model acceptance run's count head from 39.5% to 26.8%, and the acceptance figures are measured with
+    this function. Training, evaluation, the benchmark and serving all call it."""
     if images.dtype != torch.uint8:
         raise InvalidArgument(f"preprocess_images expects uint8 RGB, got {images.dtype}")
     x = images[None] if images.dim() == 3 else images
@@ -81,9 +81,9 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 
 def _conv_norm(cin: int, cout: int, stride: int, norm: str = "group") -> list[nn.Module]:
-    # GroupNorm, not BatchNorm: training batches are bucketed by length, and a description's length follows the
-    # part's extrusion count, so a batch's statistics would tell the count in training and not at inference
-    # (BatchNorm here left the count head at chance on validation).
+    # GroupNorm, not BatchNorm: per-sample statistics are the same in training and when one view is served (with
+    # the length-sorted batches of an earlier version, each of one extrusion count, BatchNorm's batch statistics
+    # told the count in training and the count head stayed at chance on validation).
     if norm == "none":
         return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True)]
     layer = nn.GroupNorm(8, cout) if norm == "group" else nn.BatchNorm2d(cout)
