@@ -91,7 +91,8 @@ def _conv_norm(cin: int, cout: int, stride: int, norm: str = "group") -> list[nn
 
 
 class ImageEncoder(nn.Module):
-    """Four stride-2 conv stages: (B, 3, S, S) -> (B, C, S/16, S/16), 4x4 cells at S = 64.
+    """Four stride-2 conv stages: (B, 3, S, S) -> the map after a chosen stage and the last map (B, C, S/16, S/16),
+    4x4 cells at S = 64.
 
     ``double``: stages that get a second, stride-1 conv (the 8x8 one by default: cheap per sample there).
     Two coordinate channels (x and y in [-1, 1]) join the image (CoordConv): with them a channel can hold "part
